@@ -1,0 +1,1 @@
+"""client layer of fedfusion (see DESIGN.md §2)."""

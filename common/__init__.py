@@ -1,0 +1,1 @@
+"""common layer of fedfusion (see DESIGN.md §2)."""

@@ -1,0 +1,133 @@
+"""The ``fedfusion`` command: a thin dispatcher at the top of the import graph (nothing imports it).
+
+Each sub-command imports its implementation lazily so ``fedfusion --help`` and ``site check`` do
+not pay for torch/Flower imports they do not need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_site_check(args: argparse.Namespace) -> int:
+    from fedfusion.client.site_check import check_site
+
+    return check_site(Path(args.manifest), Path(args.schema), check_images=not args.no_images,
+                      allow_single_class=args.allow_single_class)
+
+
+def _cmd_datasets_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedfusion.simulations.datasets import list_datasets
+
+    table = Table(title="real data sets that ship inside packages (nothing is downloaded)")
+    for column in ("name", "task", "sites", "source", "description"):
+        table.add_column(column, overflow="fold")
+    for info in list_datasets():
+        table.add_row(info.name, info.task, str(info.site_column or "-"), info.source, info.description)
+    Console().print(table)
+    return 0
+
+
+def _cmd_datasets_build(args: argparse.Namespace) -> int:
+    from fedfusion.simulations.datasets import DatasetError, build_dataset
+
+    try:
+        schema_path = build_dataset(args.name, Path(args.out), seed=args.seed)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {schema_path.parent / 'manifest.csv'} and {schema_path}")
+    return 0
+
+
+def _cmd_train_local(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedfusion.common.config import ConfigError, ModelConfig, TrainConfig, load_schema
+    from fedfusion.common.manifest import ManifestError
+    from fedfusion.common.training import primary_metric
+    from fedfusion.simulations.local_training import load_for_training, run_local_training
+
+    try:
+        schema = load_schema(args.schema)
+        manifest = load_for_training(Path(args.manifest), schema, args.seed, args.modalities, args.site,
+                                     resplit=args.resplit)
+        model_cfg = ModelConfig(fusion=args.fusion, image_backbone=args.backbone,
+                                pretrained_path=args.pretrained_path)
+        train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                patience=args.patience, device=args.device)
+    except (ConfigError, ManifestError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    metric = primary_metric(manifest.schema)
+    out = Path(args.out) if args.out else None
+    with Progress(TextColumn("[bold]train-local[/]"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), transient=False) as progress:
+        task = progress.add_task("starting", total=train_cfg.epochs)
+
+        def on_epoch(row: dict[str, float]) -> None:
+            score = row.get(f"val_{metric}", float("nan"))
+            progress.update(task, advance=1, description=(
+                f"epoch {int(row['epoch'])}/{train_cfg.epochs} loss {row['train_loss']:.4f} val {metric} {score:.3f}"))
+
+        result = run_local_training(manifest, model_cfg, train_cfg, out_dir=out, on_epoch=on_epoch)
+    print(json.dumps({"test": result.test, "best_epoch": result.best_epoch,
+                      "out_dir": str(out) if out else None}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedfusion", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    site = sub.add_parser("site", help="hospital site commands").add_subparsers(dest="site_command", required=True)
+    check = site.add_parser("check", help="validate a site manifest against the federation schema (local only)")
+    check.add_argument("manifest", help="site manifest CSV")
+    check.add_argument("--schema", required=True, help="federation schema JSON")
+    check.add_argument("--no-images", action="store_true", help="do not open every image (faster)")
+    check.add_argument("--allow-single-class", action="store_true",
+                       help="accept a site whose training rows hold one class (simulated skew)")
+    check.set_defaults(func=_cmd_site_check)
+
+    datasets = sub.add_parser("datasets", help="real data sets shipped in packages").add_subparsers(
+        dest="datasets_command", required=True)
+    datasets.add_parser("list", help="list the data sets").set_defaults(func=_cmd_datasets_list)
+    build = datasets.add_parser("build", help="write a data set's manifest, schema and files to a folder")
+    build.add_argument("name")
+    build.add_argument("out")
+    build.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    build.set_defaults(func=_cmd_datasets_build)
+
+    local = sub.add_parser("train-local", help="pooled or single-site baseline training")
+    local.add_argument("--manifest", required=True)
+    local.add_argument("--schema", required=True)
+    local.add_argument("--fusion", default="attention")
+    local.add_argument("--backbone", default="cnn_small", help="image backbone (see common/models)")
+    local.add_argument("--pretrained-path", default=None, help="local weights file for the image backbone")
+    local.add_argument("--modalities", nargs="+", default=None, help="restrict to these modalities")
+    local.add_argument("--site", default=None, help="train only on this site's rows (local-only baseline)")
+    local.add_argument("--epochs", type=int, default=30)
+    local.add_argument("--batch-size", type=int, default=32)
+    local.add_argument("--lr", type=float, default=1e-3)
+    local.add_argument("--patience", type=int, default=6)
+    local.add_argument("--seed", type=int, default=0)
+    local.add_argument("--resplit", action="store_true", help="draw a fresh seeded train/val/test split")
+    local.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    local.add_argument("--out", default=None, help="folder for metrics.json, history.csv, model.pt, plots")
+    local.set_defaults(func=_cmd_train_local)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

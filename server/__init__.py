@@ -1,0 +1,1 @@
+"""server layer of fedfusion (see DESIGN.md §2)."""

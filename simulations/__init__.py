@@ -1,0 +1,1 @@
+"""simulations layer of fedfusion (see DESIGN.md §2)."""
