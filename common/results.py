@@ -1,0 +1,44 @@
+"""Result files people open: CSV of metric rows and pretty JSON, written the same way everywhere."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """CSV of metric rows whose keys may differ (union of keys, in first-seen order)."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_json(path: Path, value: Any) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    return path
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], digits: int = 4) -> str:
+    """A GitHub-flavoured Markdown table of metric rows; floats rounded to ``digits``."""
+    if not rows:
+        return "(none)"
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+
+    def fmt(value: object) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys)
+    body = "\n".join("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows)
+    return head + "\n" + body

@@ -1,0 +1,33 @@
+"""Fixtures that make small, real-looking site data: a schema with all three modalities and a
+manifest folder with PNG images, so tests need no network and no shipped data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema
+from tests.sitegen import OMICS, make_site
+
+
+@pytest.fixture
+def schema() -> Schema:
+    """A classification + survival federation with image, clinical (2 numeric, 1 categorical) and omics."""
+    return Schema(
+        name="toy",
+        task="both",
+        classes=("benign", "malignant"),
+        clinical=(
+            ClinicalColumn("age"),
+            ClinicalColumn("size_mm"),
+            ClinicalColumn("grade", kind="categorical", categories=("G1", "G2", "G3")),
+        ),
+        omics=OMICS,
+        image=ImageSpec(size=(32, 32), channels=1),
+    )
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    return make_site(tmp_path / "site")
