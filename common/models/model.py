@@ -1,0 +1,178 @@
+"""``FusionModel`` and ``create_model(schema, cfg)``, the only way to build one (DESIGN.md §4).
+
+Parameter names reveal the group the federation averages them in (:func:`parameter_group`):
+
+=====================================  =========================================================
+name prefix                            group
+=====================================  =========================================================
+``encoders.<modality>.``               ``<modality>`` (image, clinical, omics)
+``absent.<modality>.``                 ``fusion`` (learned stand-in for a missing modality)
+``heads.<task>.per_modality.<m>.``     ``<m>`` (``late`` fusion's per-modality heads)
+``fusion.``                            ``fusion``
+``heads.<task>.``                      ``head``
+=====================================  =========================================================
+
+``absent.<m>`` is trained by the samples that LACK modality m (and by modality dropout), so it is
+shared: a site without omics is exactly the site that trains ``absent.omics``; grouping it with
+omics would discard that site's update for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MODALITIES, ConfigError, ModelConfig, Schema
+from .encoders import ClinicalEncoder, ClinicalRaw, OmicsEncoder, OmicsRaw, build_image_encoder
+from .fusion import Fusion
+from .heads import PerModalityHead, schema_tasks
+from .registry import TIMM_PREFIX, get_fusion, get_head, list_image_backbones
+
+#: Parameter groups, in the order :meth:`FusionModel.parameter_groups` lists them.
+PARAMETER_GROUPS = (*MODALITIES, "fusion", "head")
+_WRAPPERS = ("_module.", "module.")  # Opacus GradSampleModule, DataParallel/DDP
+
+
+def parameter_group(name: str) -> str:
+    """The group of a parameter or state_dict key of a :class:`FusionModel` (see module docstring).
+
+    Works on bare names and on names from an Opacus-wrapped (``_module.``) or DDP (``module.``) model.
+    """
+    while name.startswith(_WRAPPERS):
+        name = name.split(".", 1)[1]
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "encoders" and parts[1] in MODALITIES:
+        return parts[1]
+    if len(parts) > 2 and parts[0] == "absent" and parts[1] in MODALITIES:
+        return "fusion"
+    if len(parts) > 4 and parts[0] == "heads" and parts[2] == "per_modality" and parts[3] in MODALITIES:
+        return parts[3]
+    if parts[0] == "fusion":
+        return "fusion"
+    if parts[0] == "heads":
+        return "head"
+    raise ValueError(f"'{name}' is not a FusionModel parameter name")
+
+
+def drop_modalities(mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Hide each present modality of each row with probability ``p``, never the last present one.
+
+    Rows where every present modality was drawn for dropping keep one of them, chosen uniformly.
+    Uses the global torch RNG (``torch.manual_seed`` reproduces it).
+    """
+    if p <= 0 or mask.numel() == 0:
+        return mask
+    kept = mask & ~(torch.rand(mask.shape, device=mask.device) < p)
+    emptied = mask.any(dim=1) & ~kept.any(dim=1)
+    pick = torch.rand(mask.shape, device=mask.device).masked_fill(~mask, -1.0).argmax(dim=1)
+    return kept | (F.one_hot(pick, mask.shape[1]).bool() & emptied.unsqueeze(1))
+
+
+class FusionModel(nn.Module):
+    """Multimodal model: ``forward(batch) -> {"logits", "risk", "modality_weights"}`` (as applicable).
+
+    ``batch`` follows the data loader's contract: ``image`` (B, C, H, W), ``clinical_num``,
+    ``clinical_cat``, ``omics`` for the schema's modalities and ``mask`` bool (B, M), M =
+    ``len(schema.modalities)``, with at least one modality present per row. Every encoder runs on
+    every row (absent rows hold zeros) so every parameter takes part in every step, as Opacus needs;
+    rows of absent modalities are then replaced by learned "absent" embeddings.
+    """
+
+    def __init__(self, schema: Schema, cfg: ModelConfig, encoders: dict[str, nn.Module],
+                 fusion: Fusion, heads: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.schema, self.config = schema, cfg
+        self.modalities = schema.modalities
+        self.encoders = nn.ModuleDict(encoders)
+        self.absent = nn.ModuleDict()
+        if fusion.uses_absent:
+            for m, enc in encoders.items():
+                self.absent[m] = nn.Embedding(1, enc.out_dim)
+                nn.init.zeros_(self.absent[m].weight)
+        self.fusion = fusion
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mask = self._mask(batch)
+        if self.training:
+            mask = drop_modalities(mask, self.config.modality_dropout)
+        embeddings = []
+        for i, m in enumerate(self.modalities):
+            e = self.encoders[m](batch)
+            if m in self.absent:
+                absent = self.absent[m](torch.zeros(e.shape[0], dtype=torch.long, device=e.device))
+                e = torch.where(mask[:, i : i + 1], e, absent)
+            embeddings.append(e)
+        fused = self.fusion(embeddings, mask)
+        out: dict[str, torch.Tensor] = {}
+        for head in self.heads.values():
+            if isinstance(head, PerModalityHead):
+                out[head.output_key] = head(embeddings, fused.weights)
+            else:
+                out[head.output_key] = head(fused.features)
+        if fused.weights is not None:
+            out["modality_weights"] = fused.weights
+        return out
+
+    def _mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch.get("mask")
+        if mask is None or mask.ndim != 2 or mask.shape[1] != len(self.modalities):
+            got = None if mask is None else tuple(mask.shape)
+            raise ValueError(f"batch['mask'] has shape {got}; expected (B, {len(self.modalities)}) for "
+                             f"modalities {list(self.modalities)}")
+        mask = mask.bool()
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError(
+                "batch['mask'] has a row with no modality present; the data loader must drop such rows"
+            )
+        return mask
+
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Parameter names per group (image, clinical, omics, fusion, head); groups may be empty.
+
+        The federation averages each modality group only over sites that have that modality.
+        """
+        groups: dict[str, list[str]] = {g: [] for g in PARAMETER_GROUPS}
+        for name, _ in self.named_parameters():
+            groups[parameter_group(name)].append(name)
+        return groups
+
+
+def create_model(schema: Schema, cfg: ModelConfig | None = None) -> FusionModel:
+    """Build the model for ``schema`` as ``cfg`` says; unknown names raise ``ConfigError``.
+
+    The image backbone is random-init unless ``cfg.pretrained_path`` names a local file.
+    """
+    cfg = cfg or ModelConfig()
+    try:
+        fusion_cls = get_fusion(cfg.fusion)
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from None
+    encoders: dict[str, nn.Module] = {}
+    if schema.image is not None:
+        name = cfg.image_backbone
+        if name not in list_image_backbones() and not name.startswith(TIMM_PREFIX):
+            raise ConfigError(f"model: unknown image-backbone '{cfg.image_backbone}'; registered: "
+                              f"{list_image_backbones()}, or '{TIMM_PREFIX}<any timm model name>'")
+        encoders["image"] = build_image_encoder(cfg.image_backbone, schema.image, cfg.embed_dim,
+                                                cfg.pretrained_path)
+    elif cfg.pretrained_path:
+        raise ConfigError(f"model: pretrained-path is set but schema '{schema.name}' has no image modality")
+    if schema.clinical:
+        encoders["clinical"] = ClinicalRaw(schema) if fusion_cls.raw_tabular else ClinicalEncoder(schema, cfg)
+    if schema.omics:
+        n = len(schema.omics)
+        encoders["omics"] = OmicsRaw(n) if fusion_cls.raw_tabular else OmicsEncoder(n, cfg)
+    dims = {m: encoders[m].out_dim for m in schema.modalities}
+    fusion = fusion_cls(dims, cfg)
+    heads: dict[str, nn.Module] = {}
+    for task in schema_tasks(schema):
+        build = get_head(task)
+        if fusion_cls.per_modality_heads:
+            heads[task] = PerModalityHead(dims, lambda d, build=build: build(d, schema))
+        else:
+            heads[task] = build(fusion.out_dim, schema)
+    return FusionModel(schema, cfg, encoders, fusion, heads)

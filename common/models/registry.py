@@ -1,0 +1,95 @@
+"""Name -> builder registries for image backbones, fusions and heads (the timm idiom).
+
+A builder registers itself with a decorator when its module is imported; ``create_model`` looks
+names up here and nowhere else, and the tests loop over :func:`list_fusions` and
+:func:`list_image_backbones`, so a newly registered fusion or backbone is tested the moment it
+exists. Registering the same name twice is an error (two modules silently fighting over a name
+would make runs irreproducible).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+_FUSIONS: dict[str, Callable] = {}
+_IMAGE_BACKBONES: dict[str, Callable] = {}
+_HEADS: dict[str, Callable] = {}
+
+#: Prefix of image backbone names that build any timm model by its timm name (``timm:regnetx_002``).
+TIMM_PREFIX = "timm:"
+
+
+def _register(table: dict[str, Callable], kind: str, name: str) -> Callable[[F], F]:
+    if not name or not isinstance(name, str):
+        raise ValueError(f"a {kind} name must be a non-empty string, got {name!r}")
+
+    def decorator(builder: F) -> F:
+        if name in table and table[name] is not builder:
+            raise ValueError(f"{kind} '{name}' is already registered (by {table[name].__module__})")
+        table[name] = builder
+        return builder
+
+    return decorator
+
+
+def _lookup(table: dict[str, Callable], kind: str, name: str) -> Callable:
+    try:
+        return table[name]
+    except KeyError:
+        raise ValueError(f"unknown {kind} '{name}'; registered: {sorted(table)}") from None
+
+
+def register_fusion(name: str) -> Callable[[F], F]:
+    """Register a :class:`~fedfusion.common.models.fusion.Fusion` subclass under ``name``.
+
+    It is built as ``cls(modality_dims: dict[str, int], cfg: ModelConfig)``; ``create_model`` reads
+    its class attributes (``raw_tabular``, ``uses_absent``, ``per_modality_heads``) first.
+    """
+    return _register(_FUSIONS, "fusion", name)
+
+
+def register_image_backbone(name: str) -> Callable[[F], F]:
+    """Register ``builder(image: ImageSpec, pretrained_path: str | None) -> nn.Module`` under ``name``.
+
+    The backbone maps (B, C, H, W) float images to (B, num_features) (the width is found by one
+    forward) and must already be Opacus-ready (no BatchNorm, no in-place ops on hooked outputs).
+    """
+    if name.startswith(TIMM_PREFIX):
+        raise ValueError(f"backbone names may not start with '{TIMM_PREFIX}' (reserved for any timm model)")
+    return _register(_IMAGE_BACKBONES, "image backbone", name)
+
+
+def register_head(name: str) -> Callable[[F], F]:
+    """Register ``builder(in_dim: int, schema: Schema) -> nn.Module`` under ``name`` (a task)."""
+    return _register(_HEADS, "head", name)
+
+
+def list_fusions() -> list[str]:
+    """Registered fusion names, sorted."""
+    return sorted(_FUSIONS)
+
+
+def list_image_backbones() -> list[str]:
+    """Registered image backbone names, sorted. Any timm model is also reachable as ``timm:<name>``."""
+    return sorted(_IMAGE_BACKBONES)
+
+
+def list_heads() -> list[str]:
+    """Registered head names (one per task), sorted."""
+    return sorted(_HEADS)
+
+
+def get_fusion(name: str) -> Callable:
+    return _lookup(_FUSIONS, "fusion", name)
+
+
+def get_image_backbone(name: str) -> Callable:
+    """The builder for ``name``; ``timm:<model>`` names are resolved by the image encoder module."""
+    return _lookup(_IMAGE_BACKBONES, "image backbone", name)
+
+
+def get_head(name: str) -> Callable:
+    return _lookup(_HEADS, "head", name)
