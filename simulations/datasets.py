@@ -1,0 +1,468 @@
+"""Build federation-ready data sets from real data shipped inside installed packages (offline).
+
+Every builder writes the same layout (DESIGN.md §3) into one folder, so pooled, local-only and
+federated runs share one loading path::
+
+    out_dir/schema.json     the federation schema (:class:`fedfusion.common.config.Schema`)
+    out_dir/manifest.csv    pooled manifest, one row per patient
+    out_dir/images/*.png    only for image data sets; the manifest's ``image`` column is relative
+
+Manifest columns: ``case_id``; ``site`` (only when the data has a real site, e.g. ``study-16``;
+then ``schema.site_column == "site"``); ``split`` (train/val/test); ``label`` (classification) or
+``time`` (> 0) and ``event`` (0/1) (survival); ``image``; the schema's clinical columns (numbers, or
+category strings; empty = missing); the schema's omics columns.
+
+Splits are drawn here with ``seed``: within each site, stratified by label (classification) or
+event (survival), 20 % of the site goes to test, 10 % of the rest to val, the remainder to train;
+every site gets at least one row in each split. Counts per stratum are apportioned by largest
+remainder, so the per-site totals are exact and the strata are as close to proportional as integers
+allow.
+
+SurvSet (GPL) is an optional extra: data sets that need it raise :class:`DatasetError` asking for
+``pip install "fedfusion[datasets]"``. Nothing is downloaded, nothing is vendored.
+
+Per-data-set decisions (also in each :class:`DatasetInfo` description):
+
+- ``ovarian``: times are days to recurrence; two patients with time 0 get 0.5 days (time must be
+  > 0). ``fac_debulk`` 0/1 is mapped to ``optimal``/``suboptimal``: the source does not label the
+  codes, and code 1 has the higher recurrence hazard (Cox HR 1.32, p = 0.001), as suboptimal
+  debulking does in every ovarian cohort.
+- ``breast-cohorts``: the cohorts use different end points (gse1992 relapse-free survival, gse3143
+  and gse4335 overall survival; months) and different expression scales (gse3143 is on a log2
+  intensity scale, mean ~ 7.9; the others are centred); both are kept as real between-site
+  heterogeneity: sites standardise on their own train split. gse3143's ER level 0 is ER-negative,
+  levels 1-3 ER-positive; gse4335's nodal stage N1/N2 is node-positive and Nx is missing.
+- ``lung``: only institutions with at least :data:`LUNG_MIN_SITE_SIZE` patients are kept (9 of 18,
+  176 of 228 patients); ``ph.ecog`` is numeric (an ordinal 0-3 score, one patient has 3).
+- ``wdbc-multimodal``: no real site (partition it with Dirichlet / label skew and call that
+  simulated); images are RENDERED from the "mean" morphometry (see :mod:`.rendering`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema
+from fedfusion.simulations.rendering import Morphometry, nucleus_rng, render_nucleus, save_png
+
+RESERVED_COLUMNS = ("case_id", "site", "split", "label", "time", "event", "image", "omics")
+SPLITS = ("train", "val", "test")
+TEST_FRACTION = 0.2
+VAL_FRACTION = 0.1  # of what remains after the test split
+LUNG_MIN_SITE_SIZE = 10
+INSTALL_HINT = 'pip install "fedfusion[datasets]"'
+
+
+class DatasetError(RuntimeError):
+    """A data set cannot be built (unknown name, missing optional package, data that breaks a rule)."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a data set is and what it needs. ``natural_site`` names the source column that holds a
+    real site (study, cohort, institution), or is ``None`` when any partition would be simulated."""
+
+    name: str
+    description: str
+    task: str
+    source: str
+    licence: str
+    natural_site: str | None
+    needs_extra: bool
+    time_unit: str | None = None
+
+    @property
+    def site_column(self) -> str | None:
+        """The manifest column holding the real site (``"site"``), as in ``Schema.site_column``."""
+        return "site" if self.natural_site else None
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            name="ovarian",
+            description=(
+                "912 ovarian cancer patients from 4 real studies (curatedOvarianData via joint.Cox "
+                "dataOvarian1): 158 gene expression features (omics), debulking (optimal/suboptimal, "
+                "decoded from the hazard direction), time to recurrence in days. Sites: study-16 (510), "
+                "study-13 (260), study-4 (84), study-9 (58)."
+            ),
+            task="survival",
+            source="SurvSet (dataOvarian1)",
+            licence="SurvSet is GPL-3.0 (optional extra); data from the joint.Cox R package (GPL-2)",
+            natural_site="fac_group",
+            needs_extra=True,
+            time_unit="days",
+        ),
+        DatasetInfo(
+            name="breast-cohorts",
+            description=(
+                "397 breast cancer patients from 3 institutions' microarray cohorts (gse1992: 124, "
+                "gse3143: 158, gse4335: 115; survJamda.data) on their 7,106 shared genes, with "
+                "harmonised ER status, node status, grade and age (missing where a cohort lacks them). "
+                "End points differ (gse1992 relapse-free, others overall survival), in months; "
+                "expression scales differ by cohort (real batch effects)."
+            ),
+            task="survival",
+            source="SurvSet (gse1992, gse3143, gse4335)",
+            licence="SurvSet is GPL-3.0 (optional extra); data from survJamda.data (GPL)",
+            natural_site="cohort",
+            needs_extra=True,
+            time_unit="months",
+        ),
+        DatasetInfo(
+            name="wdbc-multimodal",
+            description=(
+                "569 Wisconsin diagnostic breast cancer patients (212 malignant, 357 benign). Image: a "
+                "64x64 grey nucleus RENDERED from the patient's own 10 'mean' morphometry features "
+                "(not a photograph); clinical: the 20 'error' and 'worst' features. No real site: "
+                "any partition is simulated."
+            ),
+            task="classification",
+            source="scikit-learn (load_breast_cancer)",
+            licence="scikit-learn BSD-3; WDBC from the UCI repository (CC BY 4.0)",
+            natural_site=None,
+            needs_extra=False,
+        ),
+        DatasetInfo(
+            name="lung",
+            description=(
+                "NCCTG advanced lung cancer: 176 patients from the 9 institutions with >= 10 patients "
+                "(of 228 / 18), survival in days, age, sex, ECOG, Karnofsky (physician and patient), "
+                "calories per meal, weight loss; missing values kept as missing."
+            ),
+            task="survival",
+            source="lifelines (load_lung)",
+            licence="lifelines MIT; data from the R survival package (LGPL)",
+            natural_site="inst",
+            needs_extra=False,
+            time_unit="days",
+        ),
+    )
+}
+
+
+def list_datasets() -> list[DatasetInfo]:
+    """Every registered data set, in registration order."""
+    return list(DATASETS.values())
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def _largest_remainder(total: int, sizes: np.ndarray) -> np.ndarray:
+    """Integer shares of ``total`` proportional to ``sizes`` (each capped at its size), summing to total."""
+    quota = total * sizes / sizes.sum()
+    out = np.minimum(np.floor(quota).astype(int), sizes)
+    order = sorted(range(len(sizes)), key=lambda i: (-(quota[i] - np.floor(quota[i])), -sizes[i], i))
+    while out.sum() < total:
+        for i in order:
+            if out.sum() < total and out[i] < sizes[i]:
+                out[i] += 1
+    return out
+
+
+def assign_splits(sites: pd.Series, strata: pd.Series, seed: int) -> pd.Series:
+    """``train``/``val``/``test`` per row: within each site 20 % test, 10 % of the rest val,
+    stratified by ``strata``; raises :class:`DatasetError` for a site with fewer than 3 rows."""
+    rng = np.random.default_rng(seed)
+    out = pd.Series("train", index=sites.index, dtype=object)
+    for site in sorted(sites.unique(), key=str):
+        rows = sites.index[sites == site]
+        n = len(rows)
+        if n < 3:
+            raise DatasetError(f"site '{site}' has {n} rows; each site needs >= 3 to fill train/val/test")
+        n_test = max(1, int(np.floor(TEST_FRACTION * n + 0.5)))
+        n_val = max(1, int(np.floor(VAL_FRACTION * (n - n_test) + 0.5)))
+        n_val = min(n_val, n - n_test - 1)
+        groups = [rows[(strata.loc[rows] == s).to_numpy()] for s in sorted(strata.loc[rows].unique(), key=str)]
+        sizes = np.array([len(g) for g in groups])
+        k_test = _largest_remainder(n_test, sizes)
+        k_val = _largest_remainder(n_val, sizes - k_test)
+        for g, kt, kv in zip(groups, k_test, k_val, strict=True):
+            shuffled = rng.permutation(np.asarray(g))
+            out.loc[shuffled[:kt]] = "test"
+            out.loc[shuffled[kt : kt + kv]] = "val"
+    return out
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _require(module: str, dataset: str) -> object:
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DatasetError(
+            f"data set '{dataset}' needs the optional package '{module}' (GPL-licensed, not installed "
+            f"by default); install it with: {INSTALL_HINT}"
+        ) from None
+
+
+def _survset(name: str, dataset: str) -> pd.DataFrame:
+    survset_data = _require("SurvSet.data", dataset)
+    return survset_data.SurvLoader().load_dataset(name)["df"]  # type: ignore[attr-defined]
+
+
+def _categorical(values: pd.Series, mapping: dict[object, str]) -> pd.Series:
+    """Map source codes (compared as strings) to category names; anything unmapped is missing."""
+    lookup = {str(k): v for k, v in mapping.items()}
+    return values.map(lambda v: lookup.get(str(v), np.nan)).astype(object)
+
+
+@dataclass
+class _Built:
+    frame: pd.DataFrame  # manifest without split (and with 'site' only if real)
+    schema: Schema
+    images: Callable[[Path, int], None] | None = None  # writes images into out_dir given seed
+
+
+def _ovarian() -> _Built:
+    df = _survset("dataOvarian1", "ovarian").reset_index(drop=True)
+    genes = [c for c in df.columns if c.startswith("num_")]
+    frame = pd.DataFrame(
+        {
+            "case_id": [f"ovarian-{i + 1:04d}" for i in range(len(df))],
+            "site": "study-" + df["fac_group"].astype(int).astype(str),
+            "time": df["time"].astype(float).clip(lower=0.5),
+            "event": df["event"].astype(int),
+            "debulking": _categorical(df["fac_debulk"], {0: "optimal", 1: "suboptimal"}),
+        }
+    )
+    omics = pd.DataFrame(df[genes].to_numpy(dtype=float), columns=[g.removeprefix("num_") for g in genes])
+    frame = pd.concat([frame, omics], axis=1)
+    schema = Schema(
+        name="ovarian",
+        task="survival",
+        clinical=(ClinicalColumn("debulking", "categorical", ("optimal", "suboptimal")),),
+        omics=tuple(omics.columns),
+        site_column="site",
+        description=DATASETS["ovarian"].description,
+    )
+    return _Built(frame, schema)
+
+
+_BREAST_COHORTS = ("gse1992", "gse3143", "gse4335")
+_POS_NEG = ("negative", "positive")
+_GRADES = ("G1", "G2", "G3")
+
+
+def _breast_clinical(cohort: str, df: pd.DataFrame) -> pd.DataFrame:
+    """ER status, node status, grade and age in one encoding; NaN where the cohort lacks them."""
+    missing = pd.Series(np.nan, index=df.index, dtype=object)
+    grade_map = {1: "G1", 2: "G2", 3: "G3"}
+    if cohort == "gse1992":
+        er = _categorical(df["fac_er_positive"], {0: "negative", 1: "positive"})
+        node = _categorical(df["fac_node_status"], {0: "negative", 1: "positive"})
+        grade, age = _categorical(df["fac_grade"], grade_map), df["num_age"].astype(float)
+    elif cohort == "gse3143":  # ER level 0-3 (0 = negative); no node status, grade or age
+        er = _categorical(df["fac_erlev"], {0: "negative", 1: "positive", 2: "positive", 3: "positive"})
+        node, grade, age = missing, missing, pd.Series(np.nan, index=df.index)
+    else:  # gse4335: nodal stage N0/N1/N2 ('x' = not assessable, 'na' = missing)
+        er = _categorical(df["fac_er_status"], {0: "negative", 1: "positive"})
+        node = _categorical(df["fac_node_status"], {0: "negative", 1: "positive", 2: "positive"})
+        grade, age = _categorical(df["fac_grade"], grade_map), df["num_age"].astype(float)
+    return pd.DataFrame({"er_status": er, "node_status": node, "grade": grade, "age": age})
+
+
+def _breast_cohorts() -> _Built:
+    raw = {c: _survset(c, "breast-cohorts").reset_index(drop=True) for c in _BREAST_COHORTS}
+    gene_sets = [{c for c in df.columns if c.startswith("num_HS_")} for df in raw.values()]
+    shared = sorted(set.intersection(*gene_sets))
+    names = [g.removeprefix("num_HS_") for g in shared]
+    if len(set(names)) != len(names):
+        raise DatasetError("breast-cohorts: gene names collide after removing the 'num_HS_' prefix")
+    parts = []
+    for cohort, df in raw.items():
+        head = pd.DataFrame(
+            {
+                "case_id": [f"{cohort}-{i + 1:04d}" for i in range(len(df))],
+                "site": cohort,
+                "time": df["time"].astype(float),
+                "event": df["event"].astype(int),
+            }
+        )
+        genes = pd.DataFrame(df[shared].to_numpy(dtype=float), columns=names)
+        parts.append(pd.concat([head, _breast_clinical(cohort, df), genes], axis=1))
+    frame = pd.concat(parts, ignore_index=True)
+    schema = Schema(
+        name="breast-cohorts",
+        task="survival",
+        clinical=(
+            ClinicalColumn("er_status", "categorical", _POS_NEG),
+            ClinicalColumn("node_status", "categorical", _POS_NEG),
+            ClinicalColumn("grade", "categorical", _GRADES),
+            ClinicalColumn("age", "numeric"),
+        ),
+        omics=tuple(names),
+        site_column="site",
+        description=DATASETS["breast-cohorts"].description,
+    )
+    return _Built(frame, schema)
+
+
+def _snake(feature: str) -> str:
+    """scikit-learn WDBC names to snake case: 'worst concave points' -> 'concave_points_worst'."""
+    if feature.startswith("worst "):
+        return feature.removeprefix("worst ").replace(" ", "_") + "_worst"
+    if feature.endswith(" error"):
+        return feature.removesuffix(" error").replace(" ", "_") + "_se"
+    return feature.replace(" ", "_")
+
+
+def _wdbc() -> _Built:
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer(as_frame=True)
+    features = data.data.reset_index(drop=True)
+    mean_cols = [c for c in features.columns if c.startswith("mean ")]
+    clinical_cols = [c for c in features.columns if c not in mean_cols]
+    # scikit-learn codes 0 = malignant, 1 = benign
+    labels = np.where(data.target.to_numpy() == 0, "malignant", "benign")
+    case_ids = [f"wdbc-{i + 1:04d}" for i in range(len(features))]
+    frame = pd.DataFrame({"case_id": case_ids, "label": labels, "image": [f"images/{c}.png" for c in case_ids]})
+    clinical = features[clinical_cols].rename(columns=_snake).astype(float)
+    frame = pd.concat([frame, clinical], axis=1)
+    morph = [Morphometry.from_mapping(row) for row in features[mean_cols].to_dict("records")]
+
+    def write_images(out_dir: Path, seed: int) -> None:
+        image_dir = out_dir / "images"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        wanted = {f"{c}.png" for c in case_ids}
+        for stale in image_dir.glob("*.png"):
+            if stale.name not in wanted:
+                stale.unlink()
+        for i, (case_id, m) in enumerate(zip(case_ids, morph, strict=True)):
+            save_png(render_nucleus(m, nucleus_rng(i, seed)), image_dir / f"{case_id}.png")
+
+    schema = Schema(
+        name="wdbc-multimodal",
+        task="classification",
+        classes=("benign", "malignant"),
+        clinical=tuple(ClinicalColumn(c, "numeric") for c in clinical.columns),
+        image=ImageSpec(column="image", size=(64, 64), channels=1),
+        site_column=None,
+        description=DATASETS["wdbc-multimodal"].description,
+    )
+    return _Built(frame, schema, write_images)
+
+
+_LUNG_NUMERIC = ("age", "ph_ecog", "ph_karno", "pat_karno", "meal_cal", "wt_loss")
+
+
+def _lung() -> _Built:
+    from lifelines.datasets import load_lung
+
+    df = load_lung().dropna(subset=["inst"]).reset_index(drop=True)
+    df.columns = [c.replace(".", "_") for c in df.columns]
+    counts = df["inst"].value_counts()
+    df = df[df["inst"].isin(counts.index[counts >= LUNG_MIN_SITE_SIZE])].reset_index(drop=True)
+    if set(df["status"].unique()) - {0, 1}:
+        raise DatasetError(f"lung: expected status coded 0/1 (1 = dead), got {sorted(df['status'].unique())}")
+    frame = pd.DataFrame(
+        {
+            "case_id": [f"lung-{i + 1:04d}" for i in range(len(df))],
+            "site": "inst-" + df["inst"].astype(int).astype(str),
+            "time": df["time"].astype(float),
+            "event": df["status"].astype(int),  # lifelines recodes R's 1/2 to 0 = censored, 1 = dead
+            "sex": _categorical(df["sex"], {1: "male", 2: "female"}),
+        }
+    )
+    for col in _LUNG_NUMERIC:
+        frame[col] = df[col].astype(float)
+    schema = Schema(
+        name="lung",
+        task="survival",
+        clinical=(ClinicalColumn("sex", "categorical", ("male", "female")),)
+        + tuple(ClinicalColumn(c, "numeric") for c in _LUNG_NUMERIC),
+        site_column="site",
+        description=DATASETS["lung"].description,
+    )
+    return _Built(frame, schema)
+
+
+_BUILDERS: dict[str, Callable[[], _Built]] = {
+    "ovarian": _ovarian,
+    "breast-cohorts": _breast_cohorts,
+    "wdbc-multimodal": _wdbc,
+    "lung": _lung,
+}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _check(built: _Built) -> None:
+    """Rules the manifest must meet before anything is written."""
+    schema, frame = built.schema, built.frame
+    data_cols = [c.name for c in schema.clinical] + list(schema.omics)
+    clash = sorted(set(data_cols) & set(RESERVED_COLUMNS))
+    if clash or len(set(data_cols)) != len(data_cols):
+        raise DatasetError(f"{schema.name}: feature columns clash with reserved or repeated names: {clash}")
+    if not frame["case_id"].is_unique:
+        raise DatasetError(f"{schema.name}: case_id values are not unique")
+    if schema.has_survival and not (frame["time"] > 0).all():
+        raise DatasetError(f"{schema.name}: every time must be > 0")
+    for col in schema.categorical_columns:
+        bad = set(frame[col.name].dropna()) - set(col.categories)
+        if bad:
+            raise DatasetError(f"{schema.name}: column '{col.name}' has values outside {col.categories}: {bad}")
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def build_dataset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write ``schema.json``, ``manifest.csv`` (and ``images/``) for data set ``name`` into
+    ``out_dir`` and return the schema path. Re-running overwrites; the same seed gives identical
+    files, another seed another split (and, for rendered images, other random detail)."""
+    if name not in _BUILDERS:
+        raise DatasetError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}")
+    out_dir = Path(out_dir)
+    built = _BUILDERS[name]()
+    _check(built)
+    frame, schema = built.frame, built.schema
+    site = frame["site"] if schema.site_column else pd.Series("all", index=frame.index)
+    strata = frame["label"] if schema.has_classification else frame["event"]
+    split = assign_splits(site, strata, seed)
+    cols = list(frame.columns)
+    frame.insert(cols.index("site") + 1 if "site" in cols else 1, "split", split)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if built.images is not None:
+        built.images(out_dir, seed)
+    # 8 significant digits: beyond any assay's precision, and it halves the wide omics files
+    _atomic_write(out_dir / "manifest.csv", lambda p: frame.to_csv(p, index=False, float_format="%.8g"))
+    schema_path = out_dir / "schema.json"
+    _atomic_write(schema_path, schema.save)
+    return schema_path
+
+
+def main() -> None:  # pragma: no cover - convenience for `python -m fedfusion.simulations.datasets`
+    import sys
+
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("data")
+    for info in list_datasets():
+        start = time.perf_counter()
+        try:
+            path = build_dataset(info.name, out / info.name)
+        except DatasetError as err:
+            print(f"{info.name}: skipped ({err})")
+            continue
+        print(f"{info.name}: {path} ({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
