@@ -30,7 +30,7 @@ CASES = [
 ]
 
 
-def run(seeds: int, epochs: int, cases: list[tuple[str, tuple[str, ...] | None, str]]) -> list[dict]:
+def run(seeds: int, epochs: int, batch_size: int, cases: list[tuple[str, tuple[str, ...] | None, str]]) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         built: dict[str, Path] = {}
@@ -43,7 +43,7 @@ def run(seeds: int, epochs: int, cases: list[tuple[str, tuple[str, ...] | None, 
                 manifest = load_for_training(built[dataset].parent / "manifest.csv", schema, seed, modalities,
                                              resplit=True)
                 result = run_local_training(manifest, ModelConfig(fusion=fusion),
-                                            TrainConfig(epochs=epochs, seed=seed, patience=8))
+                                            TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, patience=8))
                 metric = "auc" if schema.has_classification else "c_index"
                 scores.append(result.test[metric])
             row = {"dataset": dataset, "modalities": "+".join(modalities or schema.modalities), "fusion": fusion,
@@ -59,11 +59,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=64, help="Cox needs events in each batch: not too small")
     parser.add_argument("--only", default=None, help="run only cases of this data set")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     cases = [c for c in CASES if args.only is None or c[0] == args.only]
-    rows = run(args.seeds, args.epochs, cases)
+    rows = run(args.seeds, args.epochs, args.batch_size, cases)
     by_key = {(r["dataset"], r["modalities"], r["fusion"]): r["mean"] for r in rows}
     fusion = by_key.get(("wdbc-multimodal", "image+clinical", "attention"))
     single = [by_key.get(("wdbc-multimodal", m, "attention")) for m in ("image", "clinical")]

@@ -251,7 +251,7 @@ class TrainConfig:
     """Local training settings; the same object drives pooled, local-only and federated training."""
 
     epochs: int = 20
-    batch_size: int = 32
+    batch_size: int = 64  # the Cox loss is computed within a batch: small batches hold few events
     lr: float = 1e-3
     weight_decay: float = 1e-4
     seed: int = 0

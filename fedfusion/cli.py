@@ -90,7 +90,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     from fedfusion.simulations.simulate import SimulationSpec, simulate
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("flwr").propagate = False  # Flower prints through its own handler; do not print twice
     out = Path(args.out or f"runs/{args.dataset}-{args.partition}-{args.strategy}")
     spec = SimulationSpec(dataset=args.dataset, out_dir=out, partition=args.partition, num_sites=args.num_sites,
                           rounds=args.rounds, strategy=args.strategy, fusion=args.fusion,
@@ -105,7 +105,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         def on_round(row: dict) -> None:
             metric = next((k for k in ("eval_c_index", "eval_auc") if k in row), None)
             score = f"{metric[5:]} {row[metric]:.3f}" if metric else ""
-            loss = f"train loss {row['train_train-loss']:.3f} " if "train_train-loss" in row else ""
+            loss = f"train loss {row['train_loss']:.3f} " if "train_loss" in row else ""
             progress.update(task, advance=1, description=f"round {row['round']}/{args.rounds} {loss}{score}")
 
         report = simulate(spec, on_round=on_round)
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--modalities", nargs="+", default=None, help="restrict to these modalities")
     local.add_argument("--site", default=None, help="train only on this site's rows (local-only baseline)")
     local.add_argument("--epochs", type=int, default=30)
-    local.add_argument("--batch-size", type=int, default=32)
+    local.add_argument("--batch-size", type=int, default=64)
     local.add_argument("--lr", type=float, default=1e-3)
     local.add_argument("--patience", type=int, default=6)
     local.add_argument("--seed", type=int, default=0)
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
     sim.add_argument("--fusion", default="attention")
     sim.add_argument("--local-epochs", type=int, default=2)
-    sim.add_argument("--batch-size", type=int, default=32)
+    sim.add_argument("--batch-size", type=int, default=64)
     sim.add_argument("--lr", type=float, default=1e-3)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--no-baselines", action="store_true", help="skip pooled and local-only baselines")

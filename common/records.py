@@ -1,0 +1,63 @@
+"""Model weights and metrics <-> Flower records: the only module in ``common`` that imports Flower.
+
+Keys in reply MetricRecords are constants here so the client that writes them and the server
+strategy that reads them cannot drift apart (Flower's own ``weighted_by_key="num-examples"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from fedfusion.common.config import MODALITIES
+
+NUM_EXAMPLES = "num-examples"
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+SITE_KEY = "site"
+
+
+def modality_count_key(modality: str) -> str:
+    """Reply key holding how many training cases of a site had ``modality`` present."""
+    return f"{NUM_EXAMPLES}-{modality}"
+
+
+MODALITY_COUNT_KEYS = {m: modality_count_key(m) for m in MODALITIES}
+
+
+def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
+    return ArrayRecord(model.state_dict())
+
+
+def arrays_to_model(arrays: ArrayRecord, model: torch.nn.Module) -> torch.nn.Module:
+    """Load weights strictly: a key or shape mismatch means the site runs another model version."""
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {key: value.numpy() for key, value in arrays.items()}
+
+
+def numpy_to_arrays(values: Mapping[str, np.ndarray]) -> ArrayRecord:
+    from flwr.app import Array
+
+    return ArrayRecord({key: Array(np.asarray(value)) for key, value in values.items()})
+
+
+def metrics_record(values: Mapping[str, float | int]) -> MetricRecord:
+    """MetricRecord of finite numbers only: NaN metrics (e.g. AUC on one class) are dropped, since
+    Flower averages every key and one NaN would poison the federation-wide mean."""
+    clean: dict[str, float | int] = {}
+    for key, value in values.items():
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, int | np.integer):
+            clean[key] = int(value)
+        elif np.isfinite(value):
+            clean[key] = float(value)
+    return MetricRecord(clean)
