@@ -13,6 +13,7 @@ Where the site's data comes from:
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -76,10 +77,11 @@ class SiteRuntime:
         loader = make_loader(self.train_set, cfg.batch_size, shuffle=True,
                              seed=cfg.seed + server_round * 7919 + self.seed_offset)
         optimizer = make_optimizer(model, cfg)
+        began = time.perf_counter()
         losses = train_epochs(model, loader, optimizer, loss_fn, cfg.epochs, self.device,
                               proximal_mu=proximal_mu, start_epoch=(server_round - 1) * cfg.epochs)
         model.to("cpu")
-        return {NUM_EXAMPLES: len(self.train_set), "loss": losses[-1],
+        return {NUM_EXAMPLES: len(self.train_set), "loss": losses[-1], "train-seconds": time.perf_counter() - began,
                 **{modality_count_key(m): c for m, c in self.modality_counts.items()}}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:

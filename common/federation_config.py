@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "local-batch-size": 64,
     "local-lr": 1e-3,
     "local-weight-decay": 1e-4,
+    "local-device": "auto",
     "fusion": "attention",
     "image-backbone": "cnn_small",
 }

@@ -114,8 +114,65 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_site_start(args: argparse.Namespace) -> int:
+    from fedfusion.client.daemon import start_site
+
+    return start_site(args.config)
+
+
+def _cmd_coordinator_start(args: argparse.Namespace) -> int:
+    from fedfusion.server.coordinator import start_coordinator
+
+    certs = None
+    if not args.insecure:
+        if not (args.ssl_ca_certfile and args.ssl_certfile and args.ssl_keyfile):
+            print("error: TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
+                  "(or --insecure for local development only)", file=sys.stderr)
+            return 2
+        certs = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
+    return start_coordinator(Path(args.state_dir), args.host, args.port, insecure=args.insecure, certificates=certs)
+
+
+def _parse_overrides(pairs: list[str]) -> dict[str, object]:
+    import tomllib
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedfusion.server.coordinator import launch_run
+
+    config: dict[str, object] = {"num-server-rounds": args.rounds, "min-sites": args.min_sites,
+                                 "strategy": args.strategy, "fusion": args.fusion,
+                                 "schema": str(Path(args.schema).resolve()),
+                                 "run-dir": str(Path(args.run_dir).resolve()), "resume": args.resume}
+    try:
+        config.update(_parse_overrides(args.set))
+        return launch_run(Path(args.state_dir), config, app_dir=Path(args.app_dir) if args.app_dir else None,
+                          stream=not args.detach)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from fedfusion.server.coordinator import run_status
+
+    return run_status(Path(args.state_dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedfusion", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fedfusion",
+                                     description="Federated multimodal learning across hospital sites.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     site = sub.add_parser("site", help="hospital site commands").add_subparsers(dest="site_command", required=True)
@@ -126,6 +183,40 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--allow-single-class", action="store_true",
                        help="accept a site whose training rows hold one class (simulated skew)")
     check.set_defaults(func=_cmd_site_check)
+    start = site.add_parser("start", help="check the site's data, then run its Flower SuperNode")
+    start.add_argument("config", help="site.toml")
+    start.set_defaults(func=_cmd_site_start)
+
+    coordinator = sub.add_parser("coordinator", help="coordinator commands").add_subparsers(
+        dest="coordinator_command", required=True)
+    cstart = coordinator.add_parser("start", help="run the Flower SuperLink with a persistent database")
+    cstart.add_argument("--state-dir", default="coordinator", help="database + flwr connection live here")
+    cstart.add_argument("--host", default="127.0.0.1")
+    cstart.add_argument("--port", type=int, default=9092)
+    cstart.add_argument("--insecure", action="store_true", help="NO TLS: local development only")
+    cstart.add_argument("--ssl-ca-certfile")
+    cstart.add_argument("--ssl-certfile")
+    cstart.add_argument("--ssl-keyfile")
+    cstart.set_defaults(func=_cmd_coordinator_start)
+
+    run = sub.add_parser("run", help="launch a federated run on a started coordinator")
+    run.add_argument("--state-dir", default="coordinator")
+    run.add_argument("--schema", required=True, help="federation schema JSON (on the coordinator)")
+    run.add_argument("--run-dir", default="runs/latest", help="checkpoints, metrics and report go here")
+    run.add_argument("--rounds", type=int, default=3)
+    run.add_argument("--min-sites", type=int, default=2)
+    run.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
+    run.add_argument("--fusion", default="attention")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other run config key, e.g. --set local-epochs=3")
+    run.add_argument("--app-dir", default=None, help="fedfusion source folder (default: the installed one)")
+    run.add_argument("--detach", action="store_true", help="do not wait for the run to finish")
+    run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="list the coordinator's runs")
+    status.add_argument("--state-dir", default="coordinator")
+    status.set_defaults(func=_cmd_status)
 
     datasets = sub.add_parser("datasets", help="real data sets shipped in packages").add_subparsers(
         dest="datasets_command", required=True)

@@ -147,13 +147,17 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         random.seed(cfg.seed * 7_919 + server_round)  # Flower samples nodes with `random`
         replies = grid.send_and_receive(
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
+        train_phase = time.monotonic() - began
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
             arrays = new_arrays
         else:
             log.warning("round %d: no usable update; the global model is unchanged", server_round)
-        row = {"round": server_round, "sites_trained": sum(1 for m in strategy.site_metrics
-                                                            if m["round"] == server_round and m["phase"] == "train")}
+        trained = [m for m in strategy.site_metrics if m["round"] == server_round and m["phase"] == "train"]
+        slowest = max((float(m.get("train-seconds", 0.0)) for m in trained), default=0.0)
+        # What federation costs on top of local work: the train phase's wall time minus the slowest site.
+        row = {"round": server_round, "sites_trained": len(trained), "train_phase_seconds": train_phase,
+               "slowest_site_train_seconds": slowest, "round_overhead_seconds": train_phase - slowest}
         if train_metrics is not None:
             row.update({f"train_{k}": float(v) for k, v in train_metrics.items()})
         row.update(_evaluate(grid, strategy, server_round, arrays, cfg))

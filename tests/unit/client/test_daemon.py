@@ -1,0 +1,62 @@
+"""site.toml parsing and the SuperNode command: clear errors, and no start on bad data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fedfusion.client.daemon import SiteConfig, start_site, supernode_command
+from fedfusion.common.config import ConfigError, Schema
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    config = _write(tmp_path / "site.toml", '[site]\nid = "A"\nmanifest = "data/m.csv"\nschema = "kit/s.json"\n'
+                    '[coordinator]\naddress = "coord:9092"\nroot-certificates = "kit/ca.pem"\n')
+    cfg = SiteConfig.load(config)
+    assert cfg.manifest == (tmp_path / "data" / "m.csv").resolve() and cfg.port == 9094
+    cmd = supernode_command(cfg)
+    assert cmd[cmd.index("--superlink") + 1] == "coord:9092"
+    assert cmd[cmd.index("--root-certificates") + 1] == str((tmp_path / "kit" / "ca.pem").resolve())
+    assert "--insecure" not in cmd
+    assert f'manifest="{cfg.manifest}"' in cmd[cmd.index("--node-config") + 1]
+    assert 'site-id="A"' in cmd[cmd.index("--node-config") + 1]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[site]\nid = "A"\n', "missing [site] manifest, [site] schema, [coordinator] address"),
+        ('[site]\nid = "A"\nmanifest = "m"\nschema = "s"\n[coordinator]\naddress = "c:1"\n', "root-certificates"),
+        ("[site\n", "not valid TOML"),
+        ('[site]\nid="A"\nmanifest="m"\nschema="s"\n[coordinator]\naddress="c:1"\ninsecure=true\n[supernode]\n'
+         'port="x"\n', "port must be an integer"),
+    ],
+)
+def test_bad_site_config_is_named(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        SiteConfig.load(_write(tmp_path / "site.toml", text))
+    assert needle in str(caught.value) and "site.toml" in str(caught.value)
+
+
+def test_bad_manifest_stops_before_the_supernode(tmp_path: Path, site: Path, schema: Schema,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    frame = pd.read_csv(site, dtype=str, keep_default_na=False)
+    frame.loc[2, "age"] = "old"
+    frame.to_csv(site, index=False)
+    schema_path = schema.save(tmp_path / "schema.json")
+    config = _write(tmp_path / "site.toml", f'[site]\nid = "A"\nmanifest = "{site}"\nschema = "{schema_path}"\n'
+                    '[coordinator]\naddress = "127.0.0.1:1"\ninsecure = true\n')
+    started: list[list[str]] = []
+    monkeypatch.setattr("subprocess.call", lambda cmd, **_: started.append(cmd) or 0)
+    assert start_site(config) == 2
+    assert started == []
+    out = capsys.readouterr()
+    assert "line 4" in out.out and "'age'" in out.out and "not starting" in out.err
