@@ -13,10 +13,14 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+# Flower sends anonymous usage telemetry and checks PyPI for updates unless told not to; a
+# hospital's processes must not phone home (and offline hosts would only wait for timeouts).
+NO_TELEMETRY = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
 
 def tool_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The current environment with this interpreter's bin/ first on PATH, plus ``extra``."""
-    env = dict(os.environ)
+    """The current environment with this interpreter's bin/ first on PATH, telemetry off, plus ``extra``."""
+    env = {**os.environ, **NO_TELEMETRY}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.update(extra or {})
     return env
