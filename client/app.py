@@ -1,6 +1,16 @@
 """The site's Flower ClientApp: parse config, call the site runtime, wrap the result in records.
 
-Only the updated weights and aggregate numbers (example counts, loss, metrics) leave the site.
+Only the updated weights and aggregate numbers (example counts, loss, metrics, ε spent) leave the
+site; with sample-level DP the training loss stays home (ε does not cover it). A round the site's
+privacy policy or budget does not allow is *refused*: the reply carries the reason and the ε spent
+so far instead of an update, and the server records it. Evaluation replies (test-split metrics) are
+not covered by the training ε; they are aggregates of held-out cases, as without DP.
+
+Client-level (central) DP: Flower's ``fixedclipping_mod`` clips the update when the server's
+``DifferentialPrivacyClientSideFixedClipping`` wrapper asks for it (a ``clipping_norm`` in the train
+config). It is attached to the train function only: in Flower 1.41 the mod does not skip evaluate
+messages, and it turns any train message without a clipping norm into an error, so
+:func:`clip_update_when_asked` calls it only when asked.
 """
 
 from __future__ import annotations
@@ -8,20 +18,62 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedfusion.client.runtime import site_from_context
+from fedfusion.client.runtime import SiteRuntime, round_privacy, site_from_context, site_policy, study_name
+from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation
 from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.privacy_policy import PrivacyError, PrivacyPolicy
 from fedfusion.common.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
+    EPSILON_KEY,
     METRICS_KEY,
+    REFUSED_KEY,
     SITE_KEY,
     arrays_to_model,
     metrics_record,
     model_to_arrays,
+    refusal_reason,
 )
+
+
+def clip_update_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``fixedclipping_mod`` for client-level DP runs; a plain pass-through otherwise.
+
+    A refusal (no update to clip) is passed back as it is, so the server sees the site's reason.
+    """
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    replies: list[Message] = []
+
+    def inner(message: Message, ctx: Context) -> Message:
+        replies.append(call_next(message, ctx))
+        return replies[-1]
+
+    clipped = fixedclipping_mod(msg, context, inner)
+    if replies and refusal_reason(replies[0]) is not None:
+        return replies[0]
+    return clipped
+
+
+def _spent(policy: PrivacyPolicy | None, cfg: FederationConfig, site: SiteRuntime) -> dict[str, float]:
+    """ε the study has spent here, for a refusal reply (nothing if the ledger cannot be read)."""
+    from fedfusion.client.ledger import PrivacyLedger
+
+    if policy is None:
+        return {}
+    try:
+        delta = cfg.privacy.target_delta or policy.delta
+        return {EPSILON_KEY: PrivacyLedger(policy.ledger, policy.accountant).epsilon(study_name(cfg, site.schema),
+                                                                                     delta)}
+    except (PrivacyError, OSError):
+        return {}
 
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
@@ -34,14 +86,26 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         run_config = {**overrides, **dict(context.run_config)}
         return FederationConfig.from_run_config(run_config), run_config
 
-    @app.train()
+    # In a secure-aggregation run a plain train request is refused; the secagg stages call `train` directly.
+    @app.train(mods=[refuse_unmasked_update(_config), clip_update_when_asked])
     def train(msg: Message, context: Context) -> Message:
         cfg, run_config = _config(context)
-        site = site_from_context(dict(context.node_config), run_config)
-        model = arrays_to_model(msg.content[ARRAYS_KEY], site.build_model(cfg.model))
+        node_config = dict(context.node_config)
+        site = site_from_context(node_config, run_config)
         config = msg.content[CONFIG_KEY]
-        metrics = site.train(model, cfg.train, int(config["server-round"]),
-                             proximal_mu=float(config.get("proximal-mu", 0.0)))
+        server_round = int(config["server-round"])
+        policy: PrivacyPolicy | None = None
+        try:
+            policy = site_policy(node_config, run_config, site.site_id)
+            privacy = round_privacy(site, policy, cfg, server_round,
+                                    note={"run": context.run_id, "round": server_round})
+            model = arrays_to_model(msg.content[ARRAYS_KEY], site.build_model(cfg.model))
+            metrics = site.train(model, cfg.train, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
+                                 privacy=privacy)
+        except PrivacyError as refusal:
+            return Message(RecordDict({METRICS_KEY: MetricRecord(_spent(policy, cfg, site)),
+                                       SITE_KEY: ConfigRecord({"site-id": site.site_id, REFUSED_KEY: str(refusal)})}),
+                           reply_to=msg)
         return Message(RecordDict({ARRAYS_KEY: model_to_arrays(model), METRICS_KEY: metrics_record(metrics),
                                    SITE_KEY: ConfigRecord({"site-id": site.site_id})}), reply_to=msg)
 
@@ -54,6 +118,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         return Message(RecordDict({METRICS_KEY: metrics_record(metrics),
                                    SITE_KEY: ConfigRecord({"site-id": site.site_id})}), reply_to=msg)
 
+    register_secure_aggregation(app, train, _config)
     return app
 
 

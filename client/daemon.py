@@ -12,8 +12,26 @@ The site config is the one file hospital IT edits::
     address = "coordinator.example.org:9092"
     root-certificates = "/kit/ca.pem"            # TLS (default); or insecure = true for local development
 
+    [auth]                                       # SuperNode authentication (kit from `fedfusion provision`)
+    private-key = "/kit/site.key"                # OpenSSH ECDSA key; the coordinator registered its public half
+    public-key = "/kit/site.pub"                 # optional: checked against private-key before connecting
+
     [supernode]
     port = 9094                                  # local Runtime API port; one per SuperNode on a host
+    warm = true                                  # ClientApps forked from a preloaded process (see below)
+    poll-interval = 0.25                         # seconds between polls of the coordinator while idle
+
+    [privacy]                                    # optional; with it the site trains only with DP-SGD
+    max-epsilon = 3.0                            # the most ε this site spends on one study, ever
+    delta = 1e-5
+    max-grad-norm = 1.0                          # largest per-sample clipping norm a run may use
+    min-noise-multiplier = 0.5                   # smallest noise multiplier a run may use
+    accountant = "rdp"                           # rdp | prv | gdp
+    # ledger = "privacy-ledger.json"             # default: beside this file; keep it with the site's state
+    # max-epsilon-all-studies = 8.0              # optional cap over every study together
+
+    [approval]                                   # optional; with it only these app bundles ever run
+    apps = ["<sha256 from the coordinator's `fedfusion app-hash`>"]
 
 Nothing is sent before ``site check`` passes; the SuperNode retries the coordinator forever by
 default (Flower's own reconnect), so an outage at the coordinator needs no action at the site.
@@ -21,15 +39,17 @@ default (Flower's own reconnect), so an outage at the coordinator needs no actio
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from fedfusion.client.approval import normalise_hashes
 from fedfusion.client.site_check import EXIT_INVALID, check_site
 from fedfusion.common.config import ConfigError
-from fedfusion.common.flower_tools import executable, tool_env
+from fedfusion.common.flower_tools import tool_env
+from fedfusion.common.privacy_policy import LEDGER_FILENAME, PrivacyPolicy
 
 
 @dataclass(frozen=True)
@@ -41,8 +61,14 @@ class SiteConfig:
     device: str = "auto"
     insecure: bool = False
     root_certificates: Path | None = None
+    auth_private_key: Path | None = None  # [auth] private-key: Flower signs every Fleet request with it
+    auth_public_key: Path | None = None  # [auth] public-key: only checked against the private key
     port: int = 9094
+    warm: bool = True
+    poll_interval: float = 0.25
     source: Path | None = None
+    privacy: PrivacyPolicy = PrivacyPolicy()
+    approved_apps: frozenset[str] | None = None  # None: no [approval] table, every bundle may run
 
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
@@ -73,25 +99,139 @@ class SiteConfig:
             port = int(supernode.get("port", 9094))
         except (TypeError, ValueError):
             raise ConfigError(f"{path}: [supernode] port must be an integer") from None
+        try:
+            poll_interval = float(supernode.get("poll-interval", 0.25))
+        except (TypeError, ValueError):
+            poll_interval = -1.0
+        if not 0.01 <= poll_interval <= 60:
+            raise ConfigError(f"{path}: [supernode] poll-interval must be a number of seconds between 0.01 and 60, "
+                              f"got {supernode.get('poll-interval')!r}")
         return cls(site_id=str(site["id"]), manifest=resolve(site["manifest"]), schema=resolve(site["schema"]),
                    address=str(coordinator["address"]), device=str(site.get("device", "auto")),
-                   insecure=insecure, root_certificates=resolve(root) if root else None, port=port, source=path)
+                   insecure=insecure, root_certificates=resolve(root) if root else None,
+                   **_auth_keys(raw, path, insecure, resolve), port=port,
+                   warm=bool(supernode.get("warm", True)), poll_interval=poll_interval, source=path,
+                   privacy=_privacy_policy(raw, path), approved_apps=_approved_apps(raw, path))
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string: what the ClientApp reads to find this site's data."""
         pairs = {"manifest": str(self.manifest), "schema": str(self.schema), "site-id": self.site_id,
-                 "device": self.device}
+                 "device": self.device, **self.privacy.node_config()}
         return " ".join(f'{k}="{v}"' for k, v in pairs.items())
+
+
+def _approved_apps(raw: dict, path: Path) -> frozenset[str] | None:
+    """``[approval] apps`` of site.toml; approval is enforced by the warm SuperExec, so it needs warm = true."""
+    table = raw.get("approval")
+    if table is None:
+        return None
+    apps = table.get("apps")
+    if not isinstance(apps, list):
+        raise ConfigError(f"{path}: [approval] apps must be a list of SHA-256 hashes (an empty list approves nothing)")
+    if not raw.get("supernode", {}).get("warm", True):
+        raise ConfigError(f"{path}: [approval] needs [supernode] warm = true: the check runs in fedfusion's "
+                          "SuperExec, before Flower loads the bundle")
+    try:
+        return normalise_hashes(apps, f"{path}: [approval] apps")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _privacy_policy(raw: dict, path: Path) -> PrivacyPolicy:
+    """``[privacy]`` of site.toml (none: no policy); the ledger defaults to a file beside site.toml."""
+    default_ledger = str((path.parent / LEDGER_FILENAME).resolve())
+    table = raw.get("privacy")
+    if table is None:
+        return PrivacyPolicy(ledger=default_ledger)
+    try:
+        policy = PrivacyPolicy.from_table(table, str(path), base_dir=path.parent.resolve())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return policy if policy.ledger else replace(policy, ledger=default_ledger)
+
+
+def _auth_keys(raw: dict, path: Path, insecure: bool, resolve: Callable[[str], Path]) -> dict[str, Path | None]:
+    """``[auth]`` of site.toml: the site's SuperNode key pair (files are checked by ``check_auth_keys``)."""
+    table = raw.get("auth")
+    if table is None:
+        return {}
+    if not isinstance(table, dict) or not isinstance(table.get("private-key"), str):
+        raise ConfigError(f"{path}: [auth] needs private-key = \"site.key\" (the key file from the site's kit)")
+    if insecure:
+        raise ConfigError(f"{path}: [auth] needs TLS: Flower sends the site's key only over an encrypted connection; "
+                          "remove insecure = true and set [coordinator] root-certificates")
+    public = table.get("public-key")
+    if public is not None and not isinstance(public, str):
+        raise ConfigError(f"{path}: [auth] public-key must be a file path")
+    return {"auth_private_key": resolve(table["private-key"]), "auth_public_key": resolve(public) if public else None}
+
+
+def check_auth_keys(cfg: SiteConfig) -> list[str]:
+    """Refuse a site key Flower could not use, before connecting; return warnings worth printing.
+
+    Flower 1.41 wants an unencrypted OpenSSH EC private key on a NIST curve
+    (``flwr/supernode/cli/flower_supernode.py``, ``_try_setup_client_authentication``); a key pair
+    whose halves do not match would only show up as "Failed to activate SuperNode" at the coordinator.
+    """
+    if cfg.auth_private_key is None:
+        return []
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key_path, where = cfg.auth_private_key, f"{cfg.source or 'site.toml'}: [auth] private-key"
+    try:
+        data = key_path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{where} {key_path}: cannot read it ({err.strerror}); it is site.key from the kit, "
+                          "readable by the user running 'fedfusion site start'") from None
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ConfigError(f"{where} {key_path}: not an unencrypted OpenSSH private key (use site.key from the kit "
+                          "that 'fedfusion provision' wrote)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{where} {key_path}: Flower's node authentication needs an ECDSA key, not "
+                          f"{type(key).__name__.removeprefix('_')}")
+    if cfg.auth_public_key is not None:
+        try:
+            public = serialization.load_ssh_public_key(cfg.auth_public_key.read_bytes())
+        except (OSError, ValueError, UnsupportedAlgorithm) as err:
+            raise ConfigError(f"{cfg.source or 'site.toml'}: [auth] public-key {cfg.auth_public_key}: "
+                              f"not a readable OpenSSH public key ({err})") from None
+        if not isinstance(public, ec.EllipticCurvePublicKey) or public.public_numbers() != key.public_key(
+                ).public_numbers():
+            raise ConfigError(f"{where} and public-key do not belong together: the coordinator registered the "
+                              "public key, so this site would be refused. Use the two files from the same kit")
+    warnings = []
+    if key_path.stat().st_mode & 0o007:  # group access is how Kubernetes (fsGroup) shares a Secret with the pod
+        warnings.append(f"WARNING: {key_path} is readable by every user on this host; restrict it: "
+                        f"chmod 600 {key_path}")
+    return warnings
 
 
 def supernode_command(cfg: SiteConfig) -> list[str]:
     """``flower-superlink``'s counterpart at the site, with the site's data named in node config."""
-    cmd = [executable("flower-supernode"), "--superlink", cfg.address, "--port", str(cfg.port),
-           "--node-config", cfg.node_config()]
+    # Flower's `flower-supernode`, run through the runner that only shortens its idle poll.
+    cmd = [sys.executable, "-m", "fedfusion.client.supernode_runner", "--poll-interval", str(cfg.poll_interval),
+           "--superlink", cfg.address, "--port", str(cfg.port), "--node-config", cfg.node_config()]
+    if cfg.warm:
+        cmd += ["--isolation", "process"]  # the warm SuperExec below runs the ClientApps
     if cfg.insecure:
         cmd.append("--insecure")
     else:
         cmd += ["--root-certificates", str(cfg.root_certificates)]
+        if cfg.auth_private_key is not None:  # Flower derives the public key from it (1.41)
+            cmd += ["--auth-supernode-private-key", str(cfg.auth_private_key)]
+    return cmd
+
+
+def warm_superexec_command(cfg: SiteConfig, supernode_pid: int) -> list[str]:
+    """The warm SuperExec serving this SuperNode's local Runtime API (loopback, inside the host)."""
+    cmd = [sys.executable, "-m", "fedfusion.client.warm_executor", "--runtime-api-address",
+           f"127.0.0.1:{cfg.port}", "--parent-pid", str(supernode_pid)]
+    if cfg.approved_apps is not None:  # an empty allow-list approves nothing, not everything
+        cmd += ["--approved-apps", ",".join(sorted(cfg.approved_apps))]
     return cmd
 
 
@@ -102,6 +242,15 @@ def start_site(config_path: str | Path) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
+    try:
+        for warning in check_auth_keys(cfg):
+            print(warning, file=sys.stderr)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    if not cfg.insecure and cfg.auth_private_key is None:
+        print("note: no [auth] private-key: this site can join only a coordinator started with --no-node-auth",
+              file=sys.stderr)
     code = check_site(cfg.manifest, cfg.schema, check_images=True)
     if code != 0:
         print(f"site {cfg.site_id}: not starting, fix the manifest first", file=sys.stderr)
@@ -109,7 +258,23 @@ def start_site(config_path: str | Path) -> int:
     if cfg.insecure:
         print("WARNING: insecure = true: this site's traffic to the coordinator is NOT encrypted. "
               "Use it only for local development.", file=sys.stderr)
-    try:
-        return subprocess.call(supernode_command(cfg), env=tool_env())
-    except KeyboardInterrupt:
-        return 130
+    return _run_site_processes(cfg)
+
+
+def status_path_for(cfg: SiteConfig) -> Path:
+    """``site-status.json`` beside the audit log: on the site's writable state volume, not the read-only kit."""
+    from fedfusion.client.audit import audit_path_for
+
+    if cfg.source is None:
+        raise ConfigError("the site config has no file; cannot place its status file")
+    return audit_path_for(cfg.source).with_name("site-status.json")
+
+
+def _run_site_processes(cfg: SiteConfig) -> int:
+    """Supervise the SuperNode (and, when warm, its SuperExec): restarts with backoff, status file, JSON logs."""
+    from fedfusion.client.supervisor import supervise
+
+    def helpers(supernode_pid: int) -> list[list[str]]:
+        return [warm_superexec_command(cfg, supernode_pid)] if cfg.warm else []
+
+    return supervise(cfg.site_id, supernode_command(cfg), helpers, status_path_for(cfg), env=tool_env())

@@ -9,12 +9,19 @@ Where the site's data comes from:
   (``--node-config 'manifest="/data/site.csv" schema="/kit/schema.json" site-id="A"'``);
 - simulation: ``partition-id`` picks one of the run config's ``sites`` and its manifest
   ``<data-dir>/site-<name>.csv``.
+
+The site's privacy policy comes the same two ways (:func:`site_policy`): ``privacy-*`` node-config
+keys written by ``fedfusion site start`` from ``site.toml``'s ``[privacy]`` table, or, for simulated
+sites, the run config's ``sim-privacy-policy`` file. With sample-level DP a round is charged to the
+site's ledger before it trains (:meth:`SiteRuntime.train`), so an update never leaves uncounted.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -22,11 +29,21 @@ from typing import Any
 
 import torch
 
+from fedfusion.client.ledger import PrivacyLedger
 from fedfusion.common.config import ConfigError, ModelConfig, Schema, TrainConfig, load_schema
 from fedfusion.common.data import MultimodalDataset, Preprocessor
+from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.manifest import Manifest, load_manifest
 from fedfusion.common.models import create_model
-from fedfusion.common.records import NUM_EXAMPLES, modality_count_key
+from fedfusion.common.privacy import dp_schedule, make_private
+from fedfusion.common.privacy_policy import (
+    LEDGER_FILENAME,
+    PrivacyPolicy,
+    PrivacyTerms,
+    negotiate,
+    simulated_site_policy,
+)
+from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, modality_count_key
 from fedfusion.common.training import (
     LossFunction,
     class_weights_for,
@@ -43,6 +60,24 @@ from fedfusion.common.training import (
 def site_manifest_path(data_dir: str | Path, site: str) -> Path:
     """Where a simulated site's manifest lives (beside the pooled one, so image paths stay inside)."""
     return Path(data_dir) / f"site-{site}.csv"
+
+
+@dataclass(frozen=True)
+class RoundPrivacy:
+    """The sample-level DP one round trains under and the ledger it is charged to.
+
+    ``rounds_left`` (this round included) is what the site calibrates noise for, so that the run's
+    planned rounds end at or under the budget; ``note`` (run id, round) is written with the charge.
+    """
+
+    terms: PrivacyTerms
+    ledger: PrivacyLedger
+    study: str
+    rounds_left: int = 1
+    note: Mapping[str, Any] = field(default_factory=dict)
+
+    def epsilon(self) -> float:
+        return self.ledger.epsilon(self.study, self.terms.delta)
 
 
 @dataclass
@@ -67,8 +102,14 @@ class SiteRuntime:
         return create_model(self.schema, cfg)
 
     def train(self, model: torch.nn.Module, cfg: TrainConfig, server_round: int,
-              proximal_mu: float = 0.0) -> dict[str, float]:
-        """Local epochs from the global weights; returns the counts and losses the server may see."""
+              proximal_mu: float = 0.0, privacy: RoundPrivacy | None = None) -> dict[str, float]:
+        """Local epochs from the global weights; returns the counts and losses the server may see.
+
+        With ``privacy`` the epochs run DP-SGD, charged to the ledger first: raises
+        :class:`~fedfusion.common.privacy_policy.BudgetExceeded` (nothing trained) when they do not fit.
+        """
+        if privacy is not None:
+            return self._train_private(model, cfg, server_round, proximal_mu, privacy)
         seed_everything(cfg.seed * 1_000_003 + server_round * 1_009 + self.seed_offset)
         weights = None
         if self.schema.has_classification and cfg.class_weighted:
@@ -83,6 +124,49 @@ class SiteRuntime:
         model.to("cpu")
         return {NUM_EXAMPLES: len(self.train_set), "loss": losses[-1], "train-seconds": time.perf_counter() - began,
                 **{modality_count_key(m): c for m, c in self.modality_counts.items()}}
+
+    def _train_private(self, model: torch.nn.Module, cfg: TrainConfig, server_round: int, proximal_mu: float,
+                       privacy: RoundPrivacy) -> dict[str, float]:
+        # Model-side randomness (modality dropout, augmentation) stays seeded; the noise and the Poisson
+        # sampling draw from os.urandom inside make_private, so DP rounds are not bit-reproducible.
+        seed_everything(cfg.seed * 1_000_003 + server_round * 1_009 + self.seed_offset)
+        terms = privacy.terms
+        sample_rate, steps_per_epoch = dp_schedule(len(self.train_set), cfg.batch_size)
+        steps = steps_per_epoch * cfg.epochs
+        charge = privacy.ledger.charge(privacy.study, sample_rate=sample_rate, steps=steps, terms=terms,
+                                       planned_steps=steps * max(privacy.rounds_left, 1),
+                                       note={**privacy.note, "site": self.site_id})
+        # No class weights: they are computed from every training label and would couple each case's
+        # loss to the others' labels, outside what per-sample clipping bounds.
+        loss_fn = LossFunction(self.schema)
+        began = time.perf_counter()
+        private = make_private(model, self.train_set, make_optimizer(model, cfg), loss_fn, batch_size=cfg.batch_size,
+                               noise_multiplier=charge.noise_multiplier, max_grad_norm=terms.max_grad_norm,
+                               accountant=privacy.ledger.accountant, grad_sample_mode=terms.grad_sample_mode,
+                               physical_batch_size=terms.physical_batch_size, device=self.device,
+                               proximal_mu=proximal_mu, separable_loss=not self.schema.has_survival,
+                               num_workers=cfg.num_workers)
+        try:
+            with warnings.catch_warnings():  # Opacus' hooks on the first layer; its functorch path's autocast
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                warnings.filterwarnings("ignore", message="In CPU autocast")
+                train_epochs(private.module, private.loader, private.optimizer, private.loss_fn, cfg.epochs,
+                             self.device, start_epoch=(server_round - 1) * cfg.epochs, amp=False,
+                             on_empty_batch=private.empty_step)
+        finally:
+            private.close()
+        taken = private.steps_taken()
+        if taken > steps:  # cannot happen with Opacus' Poisson loader; if it ever does, count it before sending
+            privacy.ledger.record(privacy.study, charge.noise_multiplier, sample_rate, taken - steps,
+                                  note={**privacy.note, "site": self.site_id, "reason": "steps beyond the charge"})
+        model.to("cpu")
+        # No training loss: it is computed from the sampled cases without noise, so sending it would release
+        # something the ledger's ε does not cover. Counts and the DP settings are what the server needs.
+        return {NUM_EXAMPLES: len(self.train_set), "train-seconds": time.perf_counter() - began,
+                **{modality_count_key(m): c for m, c in self.modality_counts.items()},
+                EPSILON_KEY: privacy.epsilon(), "delta": terms.delta, "epsilon-budget": terms.epsilon_cap,
+                "noise-multiplier": charge.noise_multiplier, "max-grad-norm": terms.max_grad_norm,
+                "sample-rate": sample_rate, "dp-steps": taken}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         """Metrics of the global model on this site's test split (aggregates only, no predictions)."""
@@ -125,3 +209,33 @@ def site_from_context(node_config: dict[str, Any], run_config: dict[str, Any]) -
         return load_site(str(manifest), str(run_config["schema"]), site, device)
     raise ConfigError("this SuperNode has no site data: start it with --node-config "
                       "'manifest=\"/path/site.csv\" schema=\"/path/schema.json\" site-id=\"NAME\"'")
+
+
+def site_policy(node_config: Mapping[str, Any], run_config: Mapping[str, Any], site_id: str) -> PrivacyPolicy:
+    """This site's privacy policy: node config (``site start`` writes it from site.toml), or the
+    simulation's ``sim-privacy-policy`` file; the ledger defaults to a file beside the site's data."""
+    if "manifest" in node_config:
+        default = Path(str(node_config["manifest"])).resolve().parent / LEDGER_FILENAME
+        return PrivacyPolicy.from_node_config(node_config, default_ledger=default)
+    policy_file = str(run_config.get("sim-privacy-policy", "") or "")
+    if policy_file:
+        return simulated_site_policy(policy_file, site_id)
+    data_dir = Path(str(run_config.get("data-dir", "") or "."))
+    return PrivacyPolicy(ledger=str(data_dir.resolve() / f"privacy-ledger-{site_id}.json"))
+
+
+def study_name(cfg: FederationConfig, schema: Schema) -> str:
+    """The ledger key ε is budgeted under: the run's ``study``, else the federation schema's name, so
+    that runs over the same data contract share one budget unless the coordinator names studies."""
+    return cfg.study or f"schema:{schema.name}"
+
+
+def round_privacy(site: SiteRuntime, policy: PrivacyPolicy, cfg: FederationConfig, server_round: int,
+                  note: Mapping[str, Any] | None = None) -> RoundPrivacy | None:
+    """The round's DP terms (None: no sample-level DP); raises PrivacyError when the site refuses."""
+    terms = negotiate(policy, cfg.privacy)
+    if terms is None:
+        return None
+    return RoundPrivacy(terms=terms, ledger=PrivacyLedger(policy.ledger, policy.accountant),
+                        study=study_name(cfg, site.schema), rounds_left=max(cfg.num_rounds - server_round + 1, 1),
+                        note=dict(note or {}))

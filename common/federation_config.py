@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedfusion.common.config import ConfigError, ModelConfig, TrainConfig, from_flat
+from fedfusion.common.privacy_policy import PrivacyRequest
+from fedfusion.common.secagg.settings import SecureAggregationSettings
 
 DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 3,
@@ -37,10 +39,31 @@ DEFAULTS: dict[str, Any] = {
     "local-device": "auto",
     "fusion": "attention",
     "image-backbone": "cnn_small",
+    # Privacy (common/privacy.py). The ledger key: ε budgets are per study ("" = the schema's name).
+    "study": "",
+    "dp-mode": "off",  # off | sample (DP-SGD at every site) | client (central DP, Flower's wrapper)
+    "target-epsilon": 0.0,  # sample: ε the study may reach at each site; 0 = each site's max-epsilon
+    "target-delta": 0.0,  # 0 = each site's delta
+    "dp-max-grad-norm": 0.0,  # per-sample clipping norm; 0 = each site's max-grad-norm
+    "dp-noise-multiplier": 0.0,  # 0 = each site calibrates it to end the planned rounds within budget
+    "dp-grad-sample-mode": "hooks",  # hooks | ghost (classification only) | functorch
+    "dp-physical-batch-size": 0,  # > 0: Opacus' BatchMemoryManager caps the batch through the model
+    "client-dp-noise-multiplier": 1.0,  # client mode: server noise, in units of the clipping norm
+    "client-dp-clipping-norm": 1.0,  # client mode: each site's update is clipped to this L2 norm
+    "sim-privacy-policy": "",  # simulation: TOML file with the simulated sites' [privacy] policies
+    # Secure aggregation (common/secagg/settings.py, server/secure_aggregation.py): the server unmasks sums only.
+    "secure-aggregation": False,
+    "secagg-clip": 1.0,  # each entry of a site's update (weight change in one round) is clipped to ±clip
+    "secagg-bits": 32,  # masking modulus bits (32: masked vector as large as a float32 update)
+    "secagg-threshold": 0,  # share holders needed to recover a secret; 0 = two thirds of them
+    # with 2 sites each site could subtract its own update from the sum and learn the other's
+    "secagg-allow-two-sites": False,
+    "secagg-weight-bound": 100000.0,  # largest example count a site may report
+    "secagg-timeout": 600.0,  # seconds per key-exchange stage (stage 1 trains: round-timeout)
 }
 
 # Keys that may differ between an interrupted run and its resumption without changing the result.
-_RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds")
+_RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds", "secagg-timeout")
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,9 @@ class FederationConfig:
     model: ModelConfig
     train: TrainConfig
     raw: Mapping[str, Any]
+    study: str = ""
+    privacy: PrivacyRequest = PrivacyRequest()
+    secure: SecureAggregationSettings = SecureAggregationSettings()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -90,6 +116,9 @@ class FederationConfig:
                 model=model,
                 train=train,
                 raw=flat,
+                study=str(flat["study"]),
+                privacy=PrivacyRequest.from_run_config(flat),
+                secure=SecureAggregationSettings.from_run_config(flat),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(f"run config: {err}") from None

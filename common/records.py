@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from fedfusion.common.config import MODALITIES
 
@@ -19,6 +19,18 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
 SITE_KEY = "site"
+#: Train-reply metric: ε the site has spent on the run's study so far (sample-level DP).
+EPSILON_KEY = "epsilon"
+#: Key in a reply's site ConfigRecord: why the site refused to train this round (privacy policy/budget).
+REFUSED_KEY = "refused"
+
+
+def refusal_reason(message: Message) -> str | None:
+    """Why a site refused the round (a reply with a ``refused`` entry and no update), or None."""
+    if message.has_error() or not message.has_content():
+        return None
+    site = message.content.config_records.get(SITE_KEY)
+    return None if site is None or REFUSED_KEY not in site else str(site[REFUSED_KEY])
 
 
 def modality_count_key(modality: str) -> str:

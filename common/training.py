@@ -106,15 +106,23 @@ def train_epochs(
     on_epoch: Callable[[int, float], None] | None = None,
     proximal_mu: float = 0.0,
     start_epoch: int = 0,
+    *,
+    amp: bool = True,
+    on_empty_batch: Callable[[], None] | None = None,
 ) -> list[float]:
     """Run ``epochs`` passes; return the mean training loss of each.
 
-    AMP (bfloat16 autocast) is used on CUDA only. ``proximal_mu`` > 0 adds FedProx's
-    ``mu/2 * ||w - w_global||^2`` with the weights the call started from as ``w_global``.
+    AMP (bfloat16 autocast) is used on CUDA only, and only with ``amp``. ``proximal_mu`` > 0 adds
+    FedProx's ``mu/2 * ||w - w_global||^2`` with the weights the call started from as ``w_global``.
+
+    The same loop runs DP-SGD: pass Opacus' private model, optimizer, loader and loss (see
+    ``common.privacy.make_private``), ``amp=False`` (per-sample gradients in float32),
+    ``proximal_mu=0`` (the private optimizer applies FedProx's term itself) and
+    ``on_empty_batch``, called instead of skipping an empty Poisson batch.
     """
     model.to(device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    use_amp = device.type == "cuda"
+    use_amp = amp and device.type == "cuda"
     losses: list[float] = []
     for epoch in range(start_epoch, start_epoch + epochs):
         dataset = getattr(loader, "dataset", None)
@@ -123,8 +131,11 @@ def train_epochs(
         total, count = 0.0, 0
         for batch in loader:
             batch = to_device(batch, device)
-            if batch["mask"].shape[0] == 0:
-                continue  # Poisson sampling can yield an empty batch
+            if batch["mask"].shape[0] == 0:  # Poisson sampling can yield an empty batch
+                if on_empty_batch is not None:
+                    optimizer.zero_grad(set_to_none=True)
+                    on_empty_batch()
+                continue
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 outputs = model(batch)
@@ -132,13 +143,14 @@ def train_epochs(
             if anchor is not None:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss.item()} in epoch {epoch + 1}; "
+            value = loss.detach()  # (Opacus' ghost-clipping loss is not a tensor but has detach())
+            if not torch.isfinite(value):
+                raise FloatingPointError(f"training loss became {value.item()} in epoch {epoch + 1}; "
                                          "lower the learning rate or check the input data")
             loss.backward()
             optimizer.step()
             size = int(batch["mask"].shape[0])
-            total += float(loss.detach()) * size
+            total += float(value) * size
             count += size
         mean = total / max(count, 1)
         losses.append(mean)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                           rounds=args.rounds, strategy=args.strategy, fusion=args.fusion,
                           local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           baselines=not args.no_baselines, baseline_epochs=args.baseline_epochs, device=args.device,
-                          gpus_per_site=args.gpus_per_site)
+                          gpus_per_site=args.gpus_per_site, partition_options=_partition_options(args))
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]federated rounds[/]"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -114,23 +115,145 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    import logging
+
+    from rich.console import Console
+
+    from fedfusion.simulations.experiment import RichProgress, StudyError, load_study, run_study
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-round INFO lines would bury the progress bar
+    try:
+        study = load_study(args.study)
+    except StudyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/study-{Path(args.study).stem}")
+    console = Console(stderr=True)
+    with RichProgress(console) as progress:
+        record = run_study(study, out, on_progress=progress)
+    console.print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    print((out / "report.md").read_text())
+    for failure in record.failures:
+        console.print(f"[red]failed[/]: seed {failure['seed']}, {failure['step']}: {failure['error']}")
+    return 1 if record.failures else 0
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from fedfusion.simulations.explain import ExplainError, explain_run
+
+    try:
+        path = explain_run(Path(args.run_dir), Path(args.out) if args.out else None, n_cases=args.cases,
+                           n_repeats=args.repeats, max_features=args.max_features, seed=args.seed,
+                           device=args.device)
+    except ExplainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(path.read_text())
+    print(f"explanations: {path.parent}", file=sys.stderr)
+    return 0
+
+
+def _partition_options(args: argparse.Namespace) -> dict:
+    """Only the partition flags the user gave, so partition_manifest's documented defaults apply."""
+    names = ("alpha", "skew_on", "size_law", "missing_modality", "missing_sites", "missing_fraction",
+             "shift_feature", "shift_strictness", "min_site_rows", "allow_single_class")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
 def _cmd_site_start(args: argparse.Namespace) -> int:
     from fedfusion.client.daemon import start_site
 
     return start_site(args.config)
 
 
-def _cmd_coordinator_start(args: argparse.Namespace) -> int:
-    from fedfusion.server.coordinator import start_coordinator
+def _cmd_site_audit(args: argparse.Namespace) -> int:
+    from fedfusion.client.audit import audit_command
 
-    certs = None
-    if not args.insecure:
-        if not (args.ssl_ca_certfile and args.ssl_certfile and args.ssl_keyfile):
-            print("error: TLS needs --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile "
-                  "(or --insecure for local development only)", file=sys.stderr)
-            return 2
-        certs = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
-    return start_coordinator(Path(args.state_dir), args.host, args.port, insecure=args.insecure, certificates=certs)
+    return audit_command(args.config, run=args.run, server_round=args.round, as_json=args.json,
+                         show_records=args.records)
+
+
+def _cmd_site_dashboard(args: argparse.Namespace) -> int:
+    from fedfusion.client.dashboard import run_dashboard
+
+    return run_dashboard(args.config, host=args.host, port=args.port, token=args.token, refresh=args.refresh,
+                         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+
+
+def _cmd_coordinator_dashboard(args: argparse.Namespace) -> int:
+    from fedfusion.server.dashboard import run_dashboard
+
+    return run_dashboard(args.runs_dir, state_dir=args.state_dir, host=args.host, port=args.port, token=args.token,
+                         refresh=args.refresh, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+
+
+def _add_dashboard_flags(parser: argparse.ArgumentParser, port: int) -> None:
+    """Flags both read-only dashboards share (safety rules: fedfusion/common/dashboard.py)."""
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; anything but loopback requires --token")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument("--token", default=None,
+                        help="every request must carry it (?token=... or 'Authorization: Bearer ...'); "
+                             "default: $FEDFUSION_DASHBOARD_TOKEN")
+    parser.add_argument("--refresh", type=int, default=5, help="seconds between page reloads while a run is live")
+    parser.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this certificate")
+    parser.add_argument("--ssl-keyfile", default=None, help="private key of --ssl-certfile")
+
+
+def _cmd_privacy_status(args: argparse.Namespace) -> int:
+    from fedfusion.client.ledger import privacy_status
+
+    return privacy_status(args.config, as_json=args.json)
+
+
+def _cmd_coordinator_start(args: argparse.Namespace) -> int:
+    from fedfusion.server.coordinator import CoordinatorError, resolve_certificates, start_coordinator
+    from fedfusion.server.provision import ProvisionError, authorised_site_keys
+
+    kit = Path(args.kit) if args.kit else None
+    try:
+        certs = resolve_certificates(insecure=args.insecure, kit=kit, ca=args.ssl_ca_certfile,
+                                     cert=args.ssl_certfile, key=args.ssl_keyfile)
+        node_auth = not (args.insecure or args.no_node_auth)
+        if args.site_keys and not node_auth:
+            raise CoordinatorError("--site-keys needs node authentication: drop --insecure / --no-node-auth")
+        keys_from = Path(args.site_keys) if args.site_keys else (kit if kit is not None and node_auth else None)
+        site_keys = authorised_site_keys(keys_from) if keys_from is not None else None
+    except (CoordinatorError, ProvisionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return start_coordinator(Path(args.state_dir), args.host, args.port, insecure=args.insecure, certificates=certs,
+                             node_auth=node_auth, site_keys=site_keys)
+
+
+def _cmd_coordinator_register_sites(args: argparse.Namespace) -> int:
+    from fedfusion.server.coordinator import CoordinatorError, register_sites
+    from fedfusion.server.provision import ProvisionError, authorised_site_keys
+
+    try:
+        register_sites(Path(args.state_dir), authorised_site_keys(Path(args.keys)), timeout=args.timeout,
+                       out=sys.stdout)
+    except (CoordinatorError, ProvisionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from fedfusion.server.provision import ProvisionError, provision
+
+    try:
+        result = provision(Path(args.out), args.sites, args.superlink_host, port=args.port, days=args.days,
+                           schema=Path(args.schema) if args.schema else None, force=args.force, add=args.add)
+    except ProvisionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote kits for {', '.join(result.sites)} under {result.root} (see {result.root / 'README.md'}):\n"
+          f"  coordinator: fedfusion coordinator start --kit {result.root / 'coordinator'} --host 0.0.0.0 "
+          f"--port {args.port}\n"
+          f"  each site:   send {result.root}/SITE/ to that site only; keep {result.root / 'ca'} offline")
+    return 0
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -164,6 +287,51 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_app_hash(args: argparse.Namespace) -> int:
+    from fedfusion.client.approval import fab_hash
+    from fedfusion.server.coordinator import default_app_dir
+
+    app_dir = Path(args.app_dir) if args.app_dir else default_app_dir()
+    print(fab_hash(app_dir))
+    return 0
+
+
+def _cmd_coordinator_stop(args: argparse.Namespace) -> int:
+    from fedfusion.server.coordinator import stop_run
+
+    return stop_run(Path(args.state_dir), args.run_id)
+
+
+def _cmd_coordinator_sites(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fedfusion.server.coordinator import list_nodes, site_contributions
+
+    console = Console()
+    try:
+        nodes = list_nodes(Path(args.state_dir))
+    except RuntimeError as err:
+        console.print(f"[red]error:[/red] {err}")
+        return 1
+    table = Table(title="SuperNodes known to the SuperLink")
+    for column in ("node id", "status", "online since", "offline since"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(str(node.get("node-id")), str(node.get("status")), str(node.get("online-at") or ""),
+                      str(node.get("offline-at") or ""))
+    console.print(table)
+    if args.run_dir:
+        per_site = Table(title=f"contributions to {args.run_dir}")
+        for column in ("site", "rounds trained", "rounds evaluated", "last round", "refusals"):
+            per_site.add_column(column)
+        for row in site_contributions(Path(args.run_dir)):
+            per_site.add_row(row["site"], str(row["rounds_trained"]), str(row["rounds_evaluated"]),
+                             str(row["last_round"]), str(row["refusals"]))
+        console.print(per_site)
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from fedfusion.server.coordinator import run_status
 
@@ -186,6 +354,25 @@ def build_parser() -> argparse.ArgumentParser:
     start = site.add_parser("start", help="check the site's data, then run its Flower SuperNode")
     start.add_argument("config", help="site.toml")
     start.set_defaults(func=_cmd_site_start)
+    audit = site.add_parser("audit", help="summarise the site's audit log: what left the site, per run and round")
+    audit.add_argument("config", help="site.toml (the log is [site] audit-log, default audit.jsonl beside it)")
+    audit.add_argument("--run", default=None, help="only this run id")
+    audit.add_argument("--round", type=int, default=None, help="only this round")
+    audit.add_argument("--json", action="store_true", help="print the summary as JSON")
+    audit.add_argument("--records", action="store_true", help="print the matching audit lines instead")
+    audit.set_defaults(func=_cmd_site_audit)
+    sdash = site.add_parser("dashboard", help="read-only local web page: health, manifest summary, audit log, "
+                                              "privacy ledger, last rounds")
+    sdash.add_argument("config", help="site.toml")
+    _add_dashboard_flags(sdash, port=8051)
+    sdash.set_defaults(func=_cmd_site_dashboard)
+
+    privacy = sub.add_parser("privacy", help="the site's differential-privacy budget").add_subparsers(
+        dest="privacy_command", required=True)
+    pstatus = privacy.add_parser("status", help="each study's ε spent and remaining at this site (from its ledger)")
+    pstatus.add_argument("config", help="site.toml (policy in [privacy]; ledger beside it unless [privacy] ledger)")
+    pstatus.add_argument("--json", action="store_true", help="print the status as JSON")
+    pstatus.set_defaults(func=_cmd_privacy_status)
 
     coordinator = sub.add_parser("coordinator", help="coordinator commands").add_subparsers(
         dest="coordinator_command", required=True)
@@ -193,11 +380,54 @@ def build_parser() -> argparse.ArgumentParser:
     cstart.add_argument("--state-dir", default="coordinator", help="database + flwr connection live here")
     cstart.add_argument("--host", default="127.0.0.1")
     cstart.add_argument("--port", type=int, default=9092)
-    cstart.add_argument("--insecure", action="store_true", help="NO TLS: local development only")
-    cstart.add_argument("--ssl-ca-certfile")
-    cstart.add_argument("--ssl-certfile")
-    cstart.add_argument("--ssl-keyfile")
+    cstart.add_argument("--kit", default=None,
+                        help="coordinator kit from 'fedfusion provision' (ca.pem, server.pem, server.key, "
+                             "sites/*.pub): TLS + node authentication; its site keys are registered at start")
+    cstart.add_argument("--ssl-ca-certfile", help="CA certificate (overrides the kit's ca.pem)")
+    cstart.add_argument("--ssl-certfile", help="SuperLink certificate (overrides the kit's server.pem)")
+    cstart.add_argument("--ssl-keyfile", help="SuperLink private key (overrides the kit's server.key)")
+    cstart.add_argument("--site-keys", default=None,
+                        help="site public keys to register: a kit, a folder of SITE.pub files or one .pub "
+                             "(default: the kit's sites/)")
+    cstart.add_argument("--no-node-auth", action="store_true",
+                        help="TLS without SuperNode authentication: any SuperNode reaching the port may join")
+    cstart.add_argument("--insecure", action="store_true",
+                        help="NO TLS and NO node authentication: local development only, never with patient data")
     cstart.set_defaults(func=_cmd_coordinator_start)
+    creg = coordinator.add_parser("register-sites",
+                                  help="register site public keys with the running SuperLink (node authentication)")
+    creg.add_argument("keys", help="a coordinator kit (its sites/*.pub), a folder of SITE.pub files or one SITE.pub")
+    creg.add_argument("--state-dir", default="coordinator", help="the coordinator's --state-dir")
+    creg.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the SuperLink per key")
+    creg.set_defaults(func=_cmd_coordinator_register_sites)
+    cstop = coordinator.add_parser("stop", help="stop a run (its checkpoints stay: `fedfusion run --resume` goes on)")
+    cstop.add_argument("run_id", type=int, help="the run id `fedfusion status` lists")
+    cstop.add_argument("--state-dir", default="coordinator")
+    cstop.set_defaults(func=_cmd_coordinator_stop)
+    csites = coordinator.add_parser("sites", help="which sites are online, last seen, and (with --run-dir) the "
+                                                  "rounds each contributed and refused")
+    csites.add_argument("--state-dir", default="coordinator")
+    csites.add_argument("--run-dir", default=None, help="a run folder (metrics + refusals) to summarise per site")
+    csites.set_defaults(func=_cmd_coordinator_sites)
+    cdash = coordinator.add_parser("dashboard", help="read-only web page over the run folders: progress, sites, "
+                                                     "metric curves, ε per site, model and report downloads")
+    cdash.add_argument("--runs-dir", required=True, help="folder holding the run folders (each run's --run-dir)")
+    cdash.add_argument("--state-dir", default="coordinator", help="the coordinator's --state-dir (for 'flwr ls')")
+    _add_dashboard_flags(cdash, port=8050)
+    cdash.set_defaults(func=_cmd_coordinator_dashboard)
+
+    prov = sub.add_parser("provision", help="create the federation CA, SuperLink certificate and one kit per site")
+    prov.add_argument("--sites", required=True, help="comma-separated site ids, e.g. st-marys,charite,ucl")
+    prov.add_argument("--superlink-host", required=True, action="append", metavar="HOST",
+                      help="DNS name or IP address sites use to reach the coordinator (repeat for more; "
+                           "localhost/127.0.0.1/::1 are always added). The first one goes into site.toml")
+    prov.add_argument("--out", required=True, help="folder for the kits (must not exist or be empty)")
+    prov.add_argument("--port", type=int, default=9092, help="the SuperLink port written into site.toml")
+    prov.add_argument("--days", type=int, default=825, help="validity of the SuperLink certificate (CA: >= 10 years)")
+    prov.add_argument("--schema", default=None, help="the study's schema.json, copied into every kit")
+    prov.add_argument("--add", action="store_true", help="add these sites to the existing kits in --out")
+    prov.add_argument("--force", action="store_true", help="replace existing kits (their old keys stop working)")
+    prov.set_defaults(func=_cmd_provision)
 
     run = sub.add_parser("run", help="launch a federated run on a started coordinator")
     run.add_argument("--state-dir", default="coordinator")
@@ -213,6 +443,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--app-dir", default=None, help="fedfusion source folder (default: the installed one)")
     run.add_argument("--detach", action="store_true", help="do not wait for the run to finish")
     run.set_defaults(func=_cmd_run)
+
+    app_hash = sub.add_parser("app-hash", help="SHA-256 of the app bundle `fedfusion run` sends: what sites approve "
+                                               "in site.toml [approval] apps")
+    app_hash.add_argument("--app-dir", default=None, help="fedfusion source folder (default: the installed one)")
+    app_hash.set_defaults(func=_cmd_app_hash)
 
     status = sub.add_parser("status", help="list the coordinator's runs")
     status.add_argument("--state-dir", default="coordinator")
@@ -247,8 +482,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="split shipped real data into sites and run a simulated federation")
     sim.add_argument("--dataset", default="ovarian")
-    sim.add_argument("--partition", default="natural", choices=["natural", "iid"])
-    sim.add_argument("--num-sites", type=int, default=3, help="sites for --partition iid")
+    sim.add_argument("--partition", default="natural", choices=["natural", "iid", "dirichlet", "quantity",
+                                                                 "covariate-shift", "modality-missing"],
+                     help="natural = the data's real sites; the others are SIMULATED (simulations/partition.py)")
+    sim.add_argument("--num-sites", type=int, default=3, help="sites for a simulated partition")
+    sim.add_argument("--alpha", type=float, default=None,
+                     help="Dirichlet concentration: label skew (dirichlet, default 0.5) or sizes (quantity, 1.0)")
+    sim.add_argument("--skew-on", default=None, choices=["label", "event", "time"],
+                     help="dirichlet target (survival: event indicator or follow-up-time quartile)")
+    sim.add_argument("--size-law", default=None, choices=["dirichlet", "power"], help="quantity: site sizes")
+    sim.add_argument("--missing-modality", default=None, choices=["image", "clinical", "omics"],
+                     help="blank this modality at --missing-sites whole sites and --missing-fraction elsewhere")
+    sim.add_argument("--missing-sites", type=int, default=None,
+                     help="sites that lack the modality entirely (default 1 for modality-missing, else 0)")
+    sim.add_argument("--missing-fraction", type=float, default=None, help="share of rows per other site losing it")
+    sim.add_argument("--shift-feature", default=None, help="covariate-shift: clinical/omics column sites differ in")
+    sim.add_argument("--shift-strictness", type=float, default=None, help="covariate-shift: 0 = iid .. 1 = sorted")
+    sim.add_argument("--min-site-rows", type=int, default=None, help="smallest usable site (default 10)")
+    sim.add_argument("--allow-single-class", action="store_true", default=None,
+                     help="accept simulated sites whose training rows hold one class (untruncated label skew)")
     sim.add_argument("--rounds", type=int, default=5)
     sim.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
     sim.add_argument("--fusion", default="attention")
@@ -262,10 +514,30 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--gpus-per-site", type=float, default=0.0, help="GPU share per simulated site (Ray)")
     sim.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<partition>-<strategy>)")
     sim.set_defaults(func=_cmd_simulate)
+
+    exp = sub.add_parser("experiment", help="run a multi-seed study from a TOML file (docs/experiments.md)")
+    exp.add_argument("study", help="study TOML file (see docs/examples/study-*.toml)")
+    exp.add_argument("--out", default=None, help="output folder (default runs/study-<file name>)")
+    exp.set_defaults(func=_cmd_experiment)
+
+    explain = sub.add_parser("explain", help="modality weights, Grad-CAM and permutation importance of a run's model")
+    explain.add_argument("run_dir", help="a simulate run folder or an experiment's runs/seed-N/<method> folder")
+    explain.add_argument("--out", default=None, help="output folder (default RUN_DIR/explain)")
+    explain.add_argument("--cases", type=int, default=3, help="Grad-CAM test cases per site")
+    explain.add_argument("--repeats", type=int, default=5, help="shuffles per feature for permutation importance")
+    explain.add_argument("--max-features", type=int, default=200, help="most omics features to permute")
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    explain.set_defaults(func=_cmd_explain)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports Flower (it reads this at import): no usage telemetry leaves a hospital.
+    from fedfusion.common.flower_tools import NO_TELEMETRY
+
+    for key, value in NO_TELEMETRY.items():
+        os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

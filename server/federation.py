@@ -8,6 +8,12 @@ newest checkpoint; node sampling is seeded by (seed, round) and sites seed their
 (seed, round, site), so a resumed run ends with the same weights as an uninterrupted one.
 
 Round 0 evaluates the initial model at every site, so reports show what federation added.
+
+Privacy: a site may refuse a round (its privacy policy or ε budget does not allow it); refusals are
+recorded per site and round and the round goes on with the others. When every site that answered
+refused, no further round can train: the run ends cleanly there, with its checkpoint and report.
+With ``dp-mode = "client"`` the strategy is wrapped in Flower's client-side fixed-clipping DP
+(:class:`~fedfusion.server.privacy.ClientLevelDP`) and each round row carries the client-level ε.
 """
 
 from __future__ import annotations
@@ -30,8 +36,11 @@ from flwr.serverapp import Grid
 from fedfusion.common.config import ConfigError, load_schema
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.models import create_model
-from fedfusion.common.records import NUM_EXAMPLES, arrays_to_numpy, model_to_arrays, numpy_to_arrays
+from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, arrays_to_numpy, model_to_arrays, numpy_to_arrays
 from fedfusion.common.training import seed_everything
+from fedfusion.server.messaging import send_and_collect
+from fedfusion.server.privacy import ClientLevelDP, split_refusals
+from fedfusion.server.secure_aggregation import check_secure_compatible, run_secure_round
 from fedfusion.server.strategy import ModalityAwareFedAvg, build_strategy
 
 log = logging.getLogger("fedfusion.server")
@@ -46,9 +55,13 @@ class FederationResult:
     site_metrics: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     run_dir: Path | None = None
+    refusals: list[dict[str, Any]] = field(default_factory=list)
+    ended_early: str = ""
 
 
 COUNT_KEYS = ("n", "events")
+#: Reported as the largest value over sites: the most privacy any site has spent.
+MAX_KEYS = (EPSILON_KEY,)
 
 
 def is_count(key: str) -> bool:
@@ -62,7 +75,9 @@ def weighted_metric_mean(records: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key in sorted({k for r in records for k in r if is_count(k)}):
         out[key] = float(sum(float(r.get(key, 0.0)) for r in records))
-    keys = {k for r in records for k in r if not is_count(k)}
+    for key in sorted({k for r in records for k in r if k in MAX_KEYS}):
+        out[key] = max(float(r[key]) for r in records if key in r)
+    keys = {k for r in records for k in r if not is_count(k) and k not in MAX_KEYS}
     for key in sorted(keys):
         pairs = [(float(r[NUM_EXAMPLES]), float(r[key])) for r in records if key in r and NUM_EXAMPLES in r]
         total = sum(w for w, _ in pairs)
@@ -88,12 +103,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy: ModalityAwareFedAvg,
-                    rounds: list[dict[str, Any]], cfg: FederationConfig) -> Path:
+                    rounds: list[dict[str, Any]], cfg: FederationConfig,
+                    refusals: list[dict[str, Any]] | None = None) -> Path:
     """Write atomically (temp file + rename) so a crash mid-write never leaves a torn checkpoint."""
     path = checkpoint_path(run_dir, server_round)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"round": server_round, "arrays": arrays_to_numpy(arrays), "strategy": strategy.state(),
-               "rounds": rounds, "config_hash": cfg.config_hash(), "run_config": dict(cfg.raw)}
+               "rounds": rounds, "config_hash": cfg.config_hash(), "run_config": dict(cfg.raw),
+               "refusals": list(refusals or [])}
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -119,7 +136,16 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                               fraction_evaluate=cfg.fraction_evaluate, proximal_mu=cfg.proximal_mu,
                               server_lr=cfg.server_lr, evaluate_metrics_aggr_fn=_metric_aggregator,
                               train_metrics_aggr_fn=_metric_aggregator)
+    check_secure_compatible(cfg)
+    if cfg.privacy.mode == "client":
+        if cfg.strategy == "fedadam":
+            raise ConfigError("run config: dp-mode = \"client\" needs strategy fedavg or fedprox (FedAdam's server "
+                              "optimizer would act on the update before the noise is added)")
+        strategy = ClientLevelDP(strategy, cfg.privacy.client_noise_multiplier, cfg.privacy.client_clipping_norm,
+                                 delta=cfg.privacy.target_delta or 1e-5)
     arrays = model_to_arrays(model)
+    refusals: list[dict[str, Any]] = []
+    ended_early = ""
     rounds: list[dict[str, Any]] = []
     start = 1
     found = latest_checkpoint(run_dir) if cfg.resume else None
@@ -131,6 +157,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         arrays = numpy_to_arrays(state["arrays"])
         strategy.load_state(state["strategy"])
         rounds = list(state["rounds"])
+        refusals = list(state.get("refusals", []))
         start = int(state["round"]) + 1
         log.info("resuming %s from round %d", run_dir, start)
     elif cfg.resume:
@@ -145,10 +172,20 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     for server_round in range(start, cfg.num_rounds + 1):
         began = time.monotonic()
         random.seed(cfg.seed * 7_919 + server_round)  # Flower samples nodes with `random`
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
-        train_phase = time.monotonic() - began
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        secure = None
+        if cfg.secure.enabled:  # four message exchanges; the server only ever holds sums (secure_aggregation.py)
+            secure = run_secure_round(grid, strategy, server_round, arrays, cfg)
+            replies, refused, train_phase = secure.participants, secure.refusals, time.monotonic() - began
+        else:
+            replies = send_and_collect(grid,
+                strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
+            train_phase = time.monotonic() - began
+            refused, replies = split_refusals(server_round, replies)
+        for refusal in refused:
+            log.warning("round %d: site %s refused to train: %s", server_round, refusal["site"], refusal["reason"])
+        refusals += refused
+        new_arrays, train_metrics = ((secure.arrays, secure.metrics or None) if secure is not None
+                                     else strategy.aggregate_train(server_round, replies))
         if new_arrays is not None:
             arrays = new_arrays
         else:
@@ -160,22 +197,37 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                "slowest_site_train_seconds": slowest, "round_overhead_seconds": train_phase - slowest}
         if train_metrics is not None:
             row.update({f"train_{k}": float(v) for k, v in train_metrics.items()})
+        row["sites_refused"] = len(refused)
+        if secure is not None:
+            row.update(secure.row)
+        if isinstance(strategy, ClientLevelDP):
+            row["client_dp_epsilon"] = strategy.epsilon()
+        if refused and not replies:
+            ended_early = (f"round {server_round}: every site that answered refused to train (privacy policy or "
+                           "budget); no later round could train, so the run ends here")
+            log.warning(ended_early)
+            row["seconds"] = time.monotonic() - began
+            rounds.append(row)
+            save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals)
+            if on_round:
+                on_round(row)
+            break
         row.update(_evaluate(grid, strategy, server_round, arrays, cfg))
         row["seconds"] = time.monotonic() - began
         rounds.append(row)
-        save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg)
+        save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals)
         if on_round:
             on_round(row)
     final = run_dir / "model.pt"
     torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in arrays_to_numpy(arrays).items()},
                 "schema": schema.to_dict(), "run_config": dict(cfg.raw)}, final)
     return FederationResult(arrays=arrays, rounds=rounds, site_metrics=strategy.site_metrics,
-                            rejected=strategy.rejected, run_dir=run_dir)
+                            rejected=strategy.rejected, run_dir=run_dir, refusals=refusals, ended_early=ended_early)
 
 
 def _evaluate(grid: Grid, strategy: ModalityAwareFedAvg, server_round: int, arrays: ArrayRecord,
               cfg: FederationConfig) -> dict[str, float]:
-    replies = grid.send_and_receive(
+    replies = send_and_collect(grid,
         strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
     metrics = strategy.aggregate_evaluate(server_round, replies)
     return {} if metrics is None else {f"eval_{k}": float(v) for k, v in metrics.items()}

@@ -26,6 +26,7 @@ from flwr.supercore import log
 
 from fedfusion.common.config import MODALITIES
 from fedfusion.common.records import (
+    MODALITY_COUNT_KEYS,
     NUM_EXAMPLES,
     SITE_KEY,
     arrays_to_numpy,
@@ -111,6 +112,8 @@ class ModalityAwareFedAvg(FedAvg):
         kwargs.setdefault("weighted_by_key", NUM_EXAMPLES)
         super().__init__(**kwargs)
         self.parameter_groups = dict(parameter_groups or {})
+        # Client-level DP (server/privacy.py) needs every accepted update to weigh the same.
+        self.uniform_weights = False
         self._global: dict[str, np.ndarray] | None = None
         self.site_metrics: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
@@ -142,7 +145,8 @@ class ModalityAwareFedAvg(FedAvg):
             metrics = next(iter(msg.content.metric_records.values()))
             accepted.append(msg)
             updates.append(update)
-            counts.append(dict(metrics))
+            counts.append({k: 1.0 for k in (NUM_EXAMPLES, *MODALITY_COUNT_KEYS.values())} if self.uniform_weights
+                          else dict(metrics))
             self.site_metrics.append({"round": server_round, "phase": "train", "site": site_of(msg),
                                       **dict(metrics)})
         if not accepted:

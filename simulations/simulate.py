@@ -11,18 +11,27 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedfusion.common.config import ModelConfig, TrainConfig, load_schema
-from fedfusion.common.data import MultimodalDataset
-from fedfusion.common.manifest import load_manifest
+from fedfusion.common.data import MultimodalDataset, Preprocessor
+from fedfusion.common.manifest import Manifest, load_manifest
 from fedfusion.common.plots import plot_bars
 from fedfusion.common.results import markdown_table, write_json, write_rows
-from fedfusion.common.training import LossFunction, make_loader, metrics_from, pick_device, predict, primary_metric
+from fedfusion.common.training import (
+    LossFunction,
+    Predictions,
+    make_loader,
+    metrics_from,
+    pick_device,
+    predict,
+    primary_metric,
+)
 from fedfusion.simulations.datasets import build_dataset
 from fedfusion.simulations.local_training import run_local_training
 from fedfusion.simulations.partition import partition_manifest
@@ -50,6 +59,8 @@ class SimulationSpec:
     device: str = "cpu"
     cpus_per_site: int = 1
     gpus_per_site: float = 0.0
+    # keyword options of partition_manifest (alpha, missing_modality, shift_feature, ...); see partition.py
+    partition_options: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_sites(spec: SimulationSpec) -> tuple[Path, dict[str, Path]]:
@@ -57,7 +68,8 @@ def prepare_sites(spec: SimulationSpec) -> tuple[Path, dict[str, Path]]:
     data_dir = spec.out_dir / "data"
     schema_path = build_dataset(spec.dataset, data_dir, seed=spec.seed)
     schema = load_schema(schema_path)
-    sites = partition_manifest(data_dir / "manifest.csv", schema, spec.partition, spec.num_sites, spec.seed)
+    sites = partition_manifest(data_dir / "manifest.csv", schema, spec.partition, spec.num_sites, spec.seed,
+                               **spec.partition_options)
     for site, path in sites.items():  # fail here, with the file and line, not inside a Ray worker
         load_manifest(path, schema, check_images=False, allow_single_class=spec.partition != "natural")
         log.info("site %s: %s", site, path)
@@ -95,21 +107,35 @@ def run_simulated_federation(run_config: dict[str, Any], num_sites: int, *, cpus
     return box["result"]
 
 
+def baseline_configs(spec: SimulationSpec) -> tuple[ModelConfig, TrainConfig]:
+    """Model and training settings of the pooled and local-only baselines (early stopping on val)."""
+    train_cfg = TrainConfig(epochs=spec.baseline_epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
+                            device=spec.device)
+    return ModelConfig(fusion=spec.fusion), train_cfg
+
+
+def score_site(model: torch.nn.Module, preprocessor: Preprocessor, manifest: Manifest, device: str = "cpu",
+               split: str = "test") -> Predictions:
+    """Predictions of ``model`` on one split of a site manifest, standardised with ``preprocessor``.
+
+    The pooled model brings its own (pooled) statistics; a federated global model is scored with the
+    site's own, as the site itself does in ``client.runtime``.
+    """
+    data = MultimodalDataset(manifest, preprocessor, split)
+    return predict(model, make_loader(data, 256, shuffle=False), LossFunction(manifest.schema), pick_device(device))
+
+
 def run_baselines(spec: SimulationSpec, schema_path: Path, sites: dict[str, Path]) -> list[dict[str, Any]]:
     """Pooled and local-only models, each scored on every site's own test split."""
     schema = load_schema(schema_path)
     metric = primary_metric(schema)
-    model_cfg = ModelConfig(fusion=spec.fusion)
-    train_cfg = TrainConfig(epochs=spec.baseline_epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
-                            device=spec.device)
+    model_cfg, train_cfg = baseline_configs(spec)
     rows: list[dict[str, Any]] = []
     pooled = run_local_training(load_manifest(schema_path.parent / "manifest.csv", schema, check_images=False),
                                 model_cfg, train_cfg)
     for site, path in sites.items():
         site_manifest = load_manifest(path, schema, check_images=False, allow_single_class=True)
-        test = MultimodalDataset(site_manifest, pooled.preprocessor, "test")
-        pred = predict(pooled.model, make_loader(test, 256, shuffle=False), LossFunction(schema),
-                       pick_device(spec.device))
+        pred = score_site(pooled.model, pooled.preprocessor, site_manifest, spec.device)
         rows.append({"site": site, "method": "pooled", metric: metrics_from(pred).get(metric, float("nan"))})
         local = run_local_training(site_manifest, model_cfg, train_cfg)
         rows.append({"site": site, "method": "local-only", metric: local.test.get(metric, float("nan"))})

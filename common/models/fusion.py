@@ -128,7 +128,8 @@ class AttentionFusion(Fusion):
 
     def forward(self, embeddings: list[torch.Tensor], mask: torch.Tensor) -> FusionOutput:
         x = torch.stack(embeddings, dim=1)  # (B, M, D)
-        ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        # contiguous: Opacus' ghost clipping views embedding indices (an expanded tensor is strided)
+        ids = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1).contiguous()
         scores = self.score_out(torch.tanh(self.score_hidden(x))).squeeze(-1) + self.prior(ids).squeeze(-1)
         weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
         fused = (weights.unsqueeze(-1) * x).sum(dim=1)

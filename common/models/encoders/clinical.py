@@ -65,7 +65,8 @@ class ClinicalEncoder(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         num, cat = _clinical_inputs(batch, self.num_width, len(self.embeddings))
         parts = [] if num is None else [num]
-        parts += [emb(cat[:, j]) for j, emb in enumerate(self.embeddings)]
+        # contiguous: Opacus' ghost clipping views embedding indices (a column slice is strided)
+        parts += [emb(cat[:, j].contiguous()) for j, emb in enumerate(self.embeddings)]
         return self.mlp(torch.cat(parts, dim=1))
 
 

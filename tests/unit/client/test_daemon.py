@@ -55,8 +55,31 @@ def test_bad_manifest_stops_before_the_supernode(tmp_path: Path, site: Path, sch
     config = _write(tmp_path / "site.toml", f'[site]\nid = "A"\nmanifest = "{site}"\nschema = "{schema_path}"\n'
                     '[coordinator]\naddress = "127.0.0.1:1"\ninsecure = true\n')
     started: list[list[str]] = []
-    monkeypatch.setattr("subprocess.call", lambda cmd, **_: started.append(cmd) or 0)
+    monkeypatch.setattr("subprocess.Popen", lambda cmd, **_: started.append(cmd))
     assert start_site(config) == 2
     assert started == []
     out = capsys.readouterr()
     assert "line 4" in out.out and "'age'" in out.out and "not starting" in out.err
+
+
+def test_warm_site_runs_flowers_supernode_with_process_isolation(tmp_path: Path) -> None:
+    from fedfusion.client.daemon import warm_superexec_command
+
+    config = _write(tmp_path / "site.toml", '[site]\nid = "A"\nmanifest = "m.csv"\nschema = "s.json"\n'
+                    '[coordinator]\naddress = "coord:9092"\ninsecure = true\n[supernode]\nport = 9500\n'
+                    "poll-interval = 0.5\n")
+    cfg = SiteConfig.load(config)
+    cmd = supernode_command(cfg)
+    assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--poll-interval") + 1] == "0.5"
+    exec_cmd = warm_superexec_command(cfg, supernode_pid=4242)
+    assert exec_cmd[exec_cmd.index("--runtime-api-address") + 1] == "127.0.0.1:9500"
+    assert exec_cmd[exec_cmd.index("--parent-pid") + 1] == "4242"
+    cold = SiteConfig.load(_write(tmp_path / "cold.toml", config.read_text() + "warm = false\n"))
+    assert "--isolation" not in supernode_command(cold)
+
+
+def test_bad_poll_interval_is_named(tmp_path: Path) -> None:
+    config = _write(tmp_path / "site.toml", '[site]\nid = "A"\nmanifest = "m"\nschema = "s"\n'
+                    '[coordinator]\naddress = "c:1"\ninsecure = true\n[supernode]\npoll-interval = 0\n')
+    with pytest.raises(ConfigError, match="poll-interval must be a number of seconds between 0.01 and 60"):
+        SiteConfig.load(config)

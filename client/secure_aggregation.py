@@ -1,0 +1,293 @@
+"""The site's side of secure aggregation: four ``train.secagg_*`` handlers and the plain-train guard.
+
+With ``secure-aggregation = true`` the server sends four messages per round (see
+:mod:`fedfusion.server.secure_aggregation`); this site answers them with public keys, ciphertexts
+of its Shamir shares, its masked vector and, last, the shares the server needs to unmask the
+*sum*. Its update itself never leaves unmasked: the masked vector is ``q(w * (x - global))`` plus
+pairwise and self masks modulo 2^bits, uniformly random on its own.
+
+Stage 1 trains through the very same function as a plain round (``train`` in
+:mod:`fedfusion.client.app`: privacy policy, DP-SGD and the ε ledger included, so clip and noise
+happen before masking), keeps the update at the site and answers with public keys only. A
+refusal (privacy policy or budget) is answered as in a plain round: reason, no update.
+
+State between stages: in deployment each message runs in a fresh process, so the round's secrets
+(X25519 private keys, self-mask seed, the shares this site holds) and the trained update live in
+Flower's ``context.state``, which the SuperNode keeps per run at the site and never sends. The
+update is deleted once masked (stage 3), everything once the round ends at this site (stage 4, or
+any error), and stale state is dropped when the next round starts.
+
+A plain ``train`` message in a secure run is refused (:func:`refuse_unmasked_update`); a site can
+also demand secure aggregation itself with the node-config key ``require-secure-aggregation``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
+
+from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.records import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    MODALITY_COUNT_KEYS,
+    NUM_EXAMPLES,
+    SITE_KEY,
+    arrays_to_numpy,
+    numpy_to_arrays,
+    refusal_reason,
+)
+from fedfusion.common.secagg import (
+    AdvertisedKeys,
+    ProtocolViolation,
+    SecAggClient,
+    SecAggConfig,
+    UnmaskRequest,
+    VectorLayout,
+    bundles_from_dict,
+    bundles_to_dict,
+)
+from fedfusion.common.secagg.settings import (
+    ACTION_ADVERTISE_KEYS,
+    ACTION_MASKED_INPUT,
+    ACTION_SHARE_KEYS,
+    ACTION_UNMASK,
+    BUNDLES_KEY,
+    CLIPPED_ENTRY,
+    CONTEXT_KEY,
+    KEYS_KEY,
+    LAYOUT_KEY,
+    MASKED_ARRAY,
+    MASKED_KEY,
+    REQUEST_KEY,
+    ROUND_KEY,
+    SHARES_KEY,
+    WEIGHT_KEYS_KEY,
+)
+
+log = logging.getLogger("fedfusion.client.secagg")
+
+ConfigFn = Callable[[Context], tuple[FederationConfig, dict[str, Any]]]
+
+#: Node-config key: this site sends updates only masked, whatever the run config says.
+REQUIRE_NODE_KEY = "require-secure-aggregation"
+#: TEST ONLY (run config, never declared in pyproject, so ``flwr run`` refuses it): comma-separated
+#: ``site`` or ``site@round`` entries whose site answers stage 4 with an error, i.e. drops out after
+#: sending its masked input.
+TEST_DROP_AT_UNMASK_KEY = "test-secagg-drop-at-unmask"
+
+STATE_CLIENT = "secagg-client"
+"""context.state ConfigRecord: ``SecAggClient.to_state()`` (secrets; never sent)."""
+STATE_UPDATE = "secagg-update"
+"""context.state ArrayRecord: the trained update minus the global model, float64, until stage 3."""
+STATE_ROUND = "secagg-round-info"
+"""context.state ConfigRecord: this site's per-group weights (example counts), site id and round."""
+_STATE_KEYS = (STATE_CLIENT, STATE_UPDATE, STATE_ROUND)
+_ALLOWED_WEIGHT_KEYS = {NUM_EXAMPLES, *MODALITY_COUNT_KEYS.values()}
+
+
+def refuse_unmasked_update(config_fn: ConfigFn) -> Mod:
+    """A mod for the plain ``train`` handler: in a secure run (or at a site that requires it) a
+    plain train request is answered with an error and nothing is trained or sent."""
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        cfg, _ = config_fn(context)
+        if cfg.secure.enabled or _truthy(context.node_config.get(REQUIRE_NODE_KEY, False)):
+            why = "secure-aggregation = true in this run" if cfg.secure.enabled else \
+                f"this site's node config sets {REQUIRE_NODE_KEY}"
+            return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION,
+                                 f"refused: {why}, so this site never sends its update unmasked; the server must "
+                                 f"use the secure-aggregation stages (train.{ACTION_ADVERTISE_KEYS} ...), not a "
+                                 "plain train message"), reply_to=msg)
+        return call_next(msg, context)
+
+    return mod
+
+
+def register_secure_aggregation(app: ClientApp, train: ClientAppCallable, config_fn: ConfigFn) -> None:
+    """Register the four stage handlers on ``app``; ``train`` is the site's plain training function
+    (called in stage 1 without the plain handler's mods), ``config_fn`` parses the run config."""
+
+    @app.train(ACTION_ADVERTISE_KEYS)
+    def advertise_keys(msg: Message, context: Context) -> Message:
+        return _guarded(msg, context, "advertise keys", lambda: handle_advertise_keys(msg, context, train))
+
+    @app.train(ACTION_SHARE_KEYS)
+    def share_keys(msg: Message, context: Context) -> Message:
+        return _guarded(msg, context, "share keys", lambda: handle_share_keys(msg, context))
+
+    @app.train(ACTION_MASKED_INPUT)
+    def masked_input(msg: Message, context: Context) -> Message:
+        return _guarded(msg, context, "masked input", lambda: handle_masked_input(msg, context))
+
+    @app.train(ACTION_UNMASK)
+    def unmask(msg: Message, context: Context) -> Message:
+        return _guarded(msg, context, "unmask", lambda: handle_unmask(msg, context, config_fn(context)[1]))
+
+
+def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallable) -> Message:
+    """Stage 1: check the round's parameters, train, keep the update here, answer with public keys."""
+    clear_state(context)
+    record = msg.content[ROUND_KEY]
+    config = SecAggConfig.from_record(record)
+    layout = VectorLayout.from_json(str(record[LAYOUT_KEY]))
+    weight_keys = json.loads(str(record[WEIGHT_KEYS_KEY]))
+    current = arrays_to_numpy(msg.content[ARRAYS_KEY])
+    check_layout(layout, weight_keys, current)
+    node_id = int(msg.metadata.dst_node_id)
+    client = SecAggClient(node_id, config, layout)  # refuses a layout or node set it cannot serve, before training
+    reply = train(msg, context)
+    if reply.has_error() or refusal_reason(reply) is not None:
+        return reply  # an error or a privacy refusal carries no update
+    trained = arrays_to_numpy(reply.content[ARRAYS_KEY])
+    metrics = reply.content[METRICS_KEY]
+    weights = {group: float(metrics.get(key, 0.0)) for group, key in weight_keys.items()}
+    for group, weight in weights.items():
+        if weight > config.weight_bound:
+            raise ValueError(f"this site reports {weight:g} examples for '{group}', above the run's "
+                             f"secagg-weight-bound ({config.weight_bound:g}); the coordinator must raise it")
+    names = [entry.name for entry in layout.entries if entry.name != CLIPPED_ENTRY]
+    delta = {name: trained[name].astype(np.float64) - current[name].astype(np.float64) for name in names}
+    keys = client.advertise_keys()
+    site = reply.content.config_records.get(SITE_KEY)
+    context.state[STATE_UPDATE] = numpy_to_arrays(delta)
+    context.state[STATE_ROUND] = ConfigRecord({
+        "weights": json.dumps(weights, sort_keys=True),
+        "site-id": str(site.get("site-id", node_id)) if site is not None else str(node_id),
+        "server-round": int(msg.content[CONFIG_KEY].get("server-round", 0)),
+    })
+    _save(context, client)
+    return Message(RecordDict({KEYS_KEY: ConfigRecord(keys.to_dict())}), reply_to=msg)
+
+
+def handle_share_keys(msg: Message, context: Context) -> Message:
+    """Stage 2: Shamir-share this round's secrets among the neighbours that advertised keys."""
+    client = _load(context)
+    record = msg.content[KEYS_KEY]
+    _check_context(record, client)
+    nodes, enc, mask = record["nodes"], record["encryption-keys"], record["mask-keys"]
+    keys = {int(n): AdvertisedKeys(bytes(e), bytes(m)) for n, e, m in zip(nodes, enc, mask, strict=True)}
+    bundles = client.share_keys(keys)
+    _save(context, client)
+    return Message(RecordDict({BUNDLES_KEY: ConfigRecord(bundles_to_dict(bundles))}), reply_to=msg)
+
+
+def handle_masked_input(msg: Message, context: Context) -> Message:
+    """Stage 3: store the neighbours' shares, mask the kept update, delete it, send the masked vector."""
+    client = _load(context)
+    record = msg.content[BUNDLES_KEY]
+    _check_context(record, client)
+    bundles = bundles_from_dict({k: v for k, v in record.items() if k != CONTEXT_KEY})
+    if STATE_UPDATE not in context.state or STATE_ROUND not in context.state:
+        raise ProtocolViolation("no trained update is kept for this round (the site restarted since stage 1)")
+    update = arrays_to_numpy(context.state[STATE_UPDATE])
+    info = context.state[STATE_ROUND]
+    weights = {group: float(w) for group, w in json.loads(str(info["weights"])).items()}
+    clip = client.config.clip
+    fraction = clipped_fraction(update, weights, client.config, client.layout)
+    update[CLIPPED_ENTRY] = np.array([fraction * clip])
+    masked = client.masked_input(bundles, update, weights)
+    del context.state[STATE_UPDATE]  # the update exists only masked from here on
+    _save(context, client)
+    if masked.clipped:
+        log.info("round %s: %d update entries clipped to ±%g before masking (fraction %.2e)",
+                 info.get("server-round"), masked.clipped, clip, fraction)
+    return Message(RecordDict({MASKED_KEY: ArrayRecord({MASKED_ARRAY: Array(masked.vector)})}), reply_to=msg)
+
+
+def handle_unmask(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    """Stage 4: reveal, per node, the one share the request allows; then forget the round."""
+    client = _load(context)
+    info = context.state.get(STATE_ROUND)
+    if info is not None and _test_drop(run_config, str(info.get("site-id")), int(info.get("server-round", 0))):
+        clear_state(context)
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             f"test hook {TEST_DROP_AT_UNMASK_KEY}: simulated dropout before unmasking"), reply_to=msg)
+    record = msg.content[REQUEST_KEY]
+    _check_context(record, client)
+    reply = client.unmask(UnmaskRequest.from_dict(record))
+    clear_state(context)
+    return Message(RecordDict({SHARES_KEY: ConfigRecord(reply.to_dict())}), reply_to=msg)
+
+
+def check_layout(layout: VectorLayout, weight_keys: Mapping[str, str], current: Mapping[str, np.ndarray]) -> None:
+    """The server's layout must cover exactly this model's float arrays (plus the clipped-fraction
+    slot) with their shapes, and weigh groups by example counts only."""
+    floats = {name: value.shape for name, value in current.items() if np.issubdtype(value.dtype, np.floating)}
+    entries = {entry.name: entry.shape for entry in layout.entries}
+    expected = {**floats, CLIPPED_ENTRY: (1,)}
+    if entries != expected:
+        differ = sorted(set(entries).symmetric_difference(expected)) or sorted(
+            name for name in entries if entries[name] != expected[name])
+        raise ProtocolViolation(f"the secure-aggregation layout does not match the global model: {differ[:5]}")
+    if set(weight_keys) != set(layout.groups) or not set(weight_keys.values()) <= _ALLOWED_WEIGHT_KEYS:
+        raise ProtocolViolation(f"groups must be weighted by example counts, got {dict(weight_keys)}")
+
+
+def clipped_fraction(update: Mapping[str, np.ndarray], weights: Mapping[str, float], config: SecAggConfig,
+                     layout: VectorLayout) -> float:
+    """Fraction of the entries this site contributes (groups with weight > 0) outside ``[-clip, clip]``."""
+    clipped = total = 0
+    for entry in layout.entries:
+        if entry.name == CLIPPED_ENTRY or weights.get(entry.group, 0.0) <= 0:
+            continue
+        values = update[entry.name]
+        clipped += int(np.count_nonzero(np.abs(values) > config.clip))
+        total += values.size
+    return clipped / total if total else 0.0
+
+
+def clear_state(context: Context) -> None:
+    """Forget the round: secrets, held shares and any kept update."""
+    for key in _STATE_KEYS:
+        if key in context.state:
+            del context.state[key]
+
+
+def _save(context: Context, client: SecAggClient) -> None:
+    context.state[STATE_CLIENT] = ConfigRecord(client.to_state())
+
+
+def _load(context: Context) -> SecAggClient:
+    if STATE_CLIENT not in context.state:
+        raise ProtocolViolation("no secure-aggregation state for this round here (the site restarted, or the "
+                                "server skipped a stage)")
+    return SecAggClient.from_state(context.state[STATE_CLIENT])
+
+
+def _check_context(record: Mapping[str, Any], client: SecAggClient) -> None:
+    if bytes(record.get(CONTEXT_KEY, b"")) != client.config.context:
+        raise ProtocolViolation("this message belongs to another secure-aggregation round")
+
+
+def _guarded(msg: Message, context: Context, stage: str, handle: Callable[[], Message]) -> Message:
+    """Run a stage; on any failure forget the round (a site that failed answers nothing more in it)
+    and answer with the reason, which holds no values."""
+    try:
+        return handle()
+    except Exception as err:  # noqa: BLE001 - every failure must clear the secrets first
+        clear_state(context)
+        log.warning("secure aggregation (%s) failed at this site: %s", stage, err)
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                             f"secure aggregation ({stage}): {type(err).__name__}: {err}"), reply_to=msg)
+
+
+def _test_drop(run_config: Mapping[str, Any], site: str, server_round: int) -> bool:
+    for entry in str(run_config.get(TEST_DROP_AT_UNMASK_KEY, "") or "").split(","):
+        name, _, at = entry.strip().partition("@")
+        if name and name == site and (not at or int(at) == server_round):
+            return True
+    return False
+
+
+def _truthy(value: Any) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)

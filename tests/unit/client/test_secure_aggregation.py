@@ -1,0 +1,244 @@
+"""The site's secure-aggregation handlers with fake messages and contexts: a plain train request is
+refused in a secure run, state survives a new process per message and is deleted when no longer
+needed, and messages out of order, from another round or with a foreign layout are refused."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from fedfusion.client.secure_aggregation import (
+    STATE_CLIENT,
+    STATE_ROUND,
+    STATE_UPDATE,
+    TEST_DROP_AT_UNMASK_KEY,
+)
+from fedfusion.common.records import ARRAYS_KEY, CONFIG_KEY, numpy_to_arrays
+from fedfusion.common.secagg import (
+    AdvertisedKeys,
+    SecAggConfig,
+    SecAggServer,
+    Stage,
+    UnmaskReply,
+    bundles_from_dict,
+    bundles_to_dict,
+)
+from fedfusion.common.secagg.settings import (
+    ACTION_ADVERTISE_KEYS,
+    ACTION_MASKED_INPUT,
+    ACTION_SHARE_KEYS,
+    ACTION_UNMASK,
+    BUNDLES_KEY,
+    CONTEXT_KEY,
+    KEYS_KEY,
+    LAYOUT_KEY,
+    MASKED_KEY,
+    REQUEST_KEY,
+    ROUND_KEY,
+    SHARES_KEY,
+    WEIGHT_KEYS_KEY,
+)
+from fedfusion.server.secure_aggregation import masked_layout
+from tests.secagg_fakes import PARAMETER_GROUPS, global_model, make_app, make_sites, roundtrip
+
+NODES = [7, 8, 9]
+RUN = {"secure-aggregation": True, "secagg-weight-bound": 1000.0}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+class _Site:
+    """One site's ClientApp and the state its SuperNode keeps between messages (one 'process' each)."""
+
+    def __init__(self, node: int, run_config: dict[str, Any] | None = None, node_config: dict | None = None):
+        self.node = node
+        self.sites = dict(zip(NODES, make_sites("ABC"), strict=True))
+        self.app = make_app(self.sites, {**RUN, **(run_config or {})})
+        self.state = RecordDict()
+        self.node_config = node_config or {}
+
+    def send(self, action: str, content: RecordDict) -> Message:
+        message_type = f"train.{action}" if action else "train"
+        msg = Message(roundtrip(content), dst_node_id=self.node, message_type=message_type, group_id="1")
+        msg.metadata.__dict__["_message_id"] = "m"
+        context = Context(run_id=1, node_id=self.node, node_config=self.node_config, state=roundtrip(self.state),
+                          run_config={})
+        reply = self.app(msg, context)
+        self.state = roundtrip(context.state)
+        return reply
+
+
+def _round_setup(nodes: list[int] = NODES) -> tuple[SecAggConfig, RecordDict, SecAggServer]:
+    current = global_model()
+    layout, weight_keys = masked_layout(current, PARAMETER_GROUPS)
+    config = SecAggConfig.create(nodes, layout, clip=1.0, weight_bound=1000.0)
+    record = ConfigRecord({**config.to_record(), LAYOUT_KEY: layout.to_json(),
+                           WEIGHT_KEYS_KEY: json.dumps(weight_keys)})
+    content = RecordDict({ARRAYS_KEY: numpy_to_arrays(current), CONFIG_KEY: ConfigRecord({"server-round": 1}),
+                          ROUND_KEY: record})
+    return config, content, SecAggServer(config, layout)
+
+
+def _run_stages(sites: dict[int, _Site], config: SecAggConfig, content: RecordDict, server: SecAggServer) -> dict:
+    """Drive all four stages against every site; return the replies of each stage."""
+    ctx = {CONTEXT_KEY: config.context}
+    keys = {n: s.send(ACTION_ADVERTISE_KEYS, content) for n, s in sites.items()}
+    broadcast = server.collect_keys({n: AdvertisedKeys.from_dict(r.content[KEYS_KEY]) for n, r in keys.items()})
+    everyone = RecordDict({KEYS_KEY: ConfigRecord({**ctx, "nodes": sorted(broadcast),
+                                                   "encryption-keys": [broadcast[n].encryption_key
+                                                                       for n in sorted(broadcast)],
+                                                   "mask-keys": [broadcast[n].mask_key for n in sorted(broadcast)]})})
+    shared = {n: s.send(ACTION_SHARE_KEYS, everyone) for n, s in sites.items()}
+    routed = server.route_shares({n: bundles_from_dict(r.content[BUNDLES_KEY]) for n, r in shared.items()})
+    masked = {n: s.send(ACTION_MASKED_INPUT, RecordDict({BUNDLES_KEY: ConfigRecord(
+        {**ctx, **bundles_to_dict(routed[n])})})) for n, s in sites.items()}
+    request = server.collect_masked_inputs({n: r.content[MASKED_KEY]["masked-input"].numpy()
+                                            for n, r in masked.items()})
+    unmask = {n: s.send(ACTION_UNMASK, RecordDict({REQUEST_KEY: ConfigRecord({**ctx, **request.to_dict()})}))
+              for n, s in sites.items()}
+    ok = {n: UnmaskReply.from_dict(r.content[SHARES_KEY]) for n, r in unmask.items() if not r.has_error()}
+    return {"keys": keys, "shared": shared, "masked": masked, "unmask": unmask, "result": server.unmask(ok)}
+
+
+def test_plain_train_is_refused_in_a_secure_run() -> None:
+    site = _Site(NODES[0])
+    reply = site.send("", RecordDict({ARRAYS_KEY: numpy_to_arrays(global_model()),
+                                      CONFIG_KEY: ConfigRecord({"server-round": 1})}))
+    assert reply.has_error() and "never sends its update unmasked" in reply.error.reason
+    assert site.sites[NODES[0]].trained == 0
+
+
+def test_plain_train_runs_when_secure_aggregation_is_off_unless_the_site_requires_it() -> None:
+    content = RecordDict({ARRAYS_KEY: numpy_to_arrays(global_model()), CONFIG_KEY: ConfigRecord({"server-round": 1})})
+    reply = _Site(NODES[0], {"secure-aggregation": False}).send("", content)
+    assert not reply.has_error() and ARRAYS_KEY in reply.content
+    strict = _Site(NODES[0], {"secure-aggregation": False}, node_config={"require-secure-aggregation": "true"})
+    reply = strict.send("", content)
+    assert reply.has_error() and "require-secure-aggregation" in reply.error.reason
+
+
+def test_state_survives_between_messages_and_is_deleted_when_done() -> None:
+    config, content, server = _round_setup()
+    sites = {n: _Site(n) for n in NODES}
+    stages = _run_stages(sites, config, content, server)
+    assert stages["result"].survivors == tuple(NODES)
+    for site in sites.values():  # the round is over at every site: nothing kept
+        assert STATE_CLIENT not in site.state and STATE_UPDATE not in site.state and STATE_ROUND not in site.state
+
+
+def test_update_is_kept_after_training_and_deleted_once_masked() -> None:
+    config, content, _ = _round_setup()
+    site = _Site(NODES[0])
+    reply = site.send(ACTION_ADVERTISE_KEYS, content)
+    assert set(reply.content.keys()) == {KEYS_KEY}  # public keys only: no update, no counts
+    assert STATE_UPDATE in site.state and STATE_CLIENT in site.state
+    state = site.state[STATE_CLIENT]
+    assert Stage(int(state["stage"])) is Stage.SHARE_KEYS and "mask-private-key" in state
+    kept = site.state[STATE_UPDATE]["fusion.w"].numpy()
+    np.testing.assert_allclose(kept, site.sites[NODES[0]].delta["fusion.w"], atol=1e-6)
+
+
+def test_secrets_are_discarded_after_masking() -> None:
+    config, content, server = _round_setup()
+    sites = {n: _Site(n) for n in NODES}
+    # run up to stage 3 by hand, then inspect one site's state
+    ctx = {CONTEXT_KEY: config.context}
+    keys = {n: AdvertisedKeys.from_dict(s.send(ACTION_ADVERTISE_KEYS, content).content[KEYS_KEY])
+            for n, s in sites.items()}
+    broadcast = server.collect_keys(keys)
+    everyone = RecordDict({KEYS_KEY: ConfigRecord({**ctx, "nodes": sorted(broadcast),
+                                                   "encryption-keys": [keys[n].encryption_key for n in sorted(keys)],
+                                                   "mask-keys": [keys[n].mask_key for n in sorted(keys)]})})
+    shared = {n: bundles_from_dict(s.send(ACTION_SHARE_KEYS, everyone).content[BUNDLES_KEY])
+              for n, s in sites.items()}
+    routed = server.route_shares(shared)
+    site = sites[NODES[1]]
+    reply = site.send(ACTION_MASKED_INPUT, RecordDict({BUNDLES_KEY: ConfigRecord(
+        {**ctx, **bundles_to_dict(routed[NODES[1]])})}))
+    assert reply.content[MASKED_KEY]["masked-input"].numpy().dtype == np.uint32
+    state = site.state[STATE_CLIENT]
+    assert STATE_UPDATE not in site.state
+    assert not {"mask-private-key", "encryption-private-key", "self-mask-seed"} & set(state.keys())
+    assert len(state["held"]) == 3  # its own shares and its two neighbours'
+
+
+def test_stage_out_of_order_is_refused_and_forgets_the_round() -> None:
+    config, content, _ = _round_setup()
+    site = _Site(NODES[0])
+    site.send(ACTION_ADVERTISE_KEYS, content)
+    reply = site.send(ACTION_UNMASK, RecordDict({REQUEST_KEY: ConfigRecord(
+        {CONTEXT_KEY: config.context, "survivors": NODES, "dropped": []})}))
+    assert reply.has_error() and "stage UNMASK while in stage SHARE_KEYS" in reply.error.reason
+    assert STATE_CLIENT not in site.state and STATE_UPDATE not in site.state
+
+
+def test_message_of_another_round_is_refused() -> None:
+    _, content, _ = _round_setup()
+    site = _Site(NODES[0])
+    site.send(ACTION_ADVERTISE_KEYS, content)
+    reply = site.send(ACTION_SHARE_KEYS, RecordDict({KEYS_KEY: ConfigRecord(
+        {CONTEXT_KEY: b"another round id", "nodes": [], "encryption-keys": [], "mask-keys": []})}))
+    assert reply.has_error() and "another secure-aggregation round" in reply.error.reason
+
+
+def test_stage_without_state_is_refused() -> None:
+    reply = _Site(NODES[0]).send(ACTION_SHARE_KEYS, RecordDict({KEYS_KEY: ConfigRecord({CONTEXT_KEY: b"x" * 16})}))
+    assert reply.has_error() and "no secure-aggregation state" in reply.error.reason
+
+
+def test_a_layout_other_than_the_model_is_refused_before_training() -> None:
+    _, content, _ = _round_setup()
+    record = content[ROUND_KEY]
+    layout = record[LAYOUT_KEY].replace('"fusion.w","shared",[6]', '"fusion.w","shared",[7]')
+    content[ROUND_KEY] = ConfigRecord({**dict(record), LAYOUT_KEY: layout})
+    site = _Site(NODES[0])
+    reply = site.send(ACTION_ADVERTISE_KEYS, content)
+    assert reply.has_error() and "layout does not match the global model" in reply.error.reason
+    assert site.sites[NODES[0]].trained == 0
+
+
+def test_weighting_by_anything_but_example_counts_is_refused() -> None:
+    _, content, _ = _round_setup()
+    record = content[ROUND_KEY]
+    content[ROUND_KEY] = ConfigRecord({**dict(record), WEIGHT_KEYS_KEY: record[WEIGHT_KEYS_KEY].replace(
+        '"shared": "num-examples"', '"shared": "loss"')})
+    reply = _Site(NODES[0]).send(ACTION_ADVERTISE_KEYS, content)
+    assert reply.has_error() and "example counts" in reply.error.reason
+
+
+def test_example_count_above_the_weight_bound_is_refused() -> None:
+    _, content, _ = _round_setup()
+    site = _Site(NODES[0])
+    site.sites[NODES[0]].counts["num-examples"] = 5000.0
+    reply = site.send(ACTION_ADVERTISE_KEYS, content)
+    assert reply.has_error() and "secagg-weight-bound" in reply.error.reason
+    assert STATE_UPDATE not in site.state
+
+
+def test_refusal_to_train_is_passed_on_without_keys() -> None:
+    _, content, _ = _round_setup()
+    site = _Site(NODES[0])
+    site.sites[NODES[0]].refuse = True
+    reply = site.send(ACTION_ADVERTISE_KEYS, content)
+    assert reply.content["site"]["refused"] == "budget spent" and KEYS_KEY not in reply.content
+    assert STATE_CLIENT not in site.state
+
+
+def test_test_hook_drops_a_site_before_unmasking() -> None:
+    config, content, server = _round_setup()
+    sites = {n: _Site(n, {TEST_DROP_AT_UNMASK_KEY: "B@1"}) for n in NODES}  # NODES[1] is site B
+    stages = _run_stages(sites, config, content, server)
+    assert stages["unmask"][NODES[1]].has_error()
+    assert "simulated dropout" in stages["unmask"][NODES[1]].error.reason
+    assert stages["result"].survivors == tuple(NODES)  # its input is in the sum all the same
+    assert STATE_CLIENT not in sites[NODES[1]].state
