@@ -24,6 +24,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedfusion.client.audit_mod import audit_mod
 from fedfusion.client.runtime import SiteRuntime, round_privacy, site_from_context, site_policy, study_name
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation
 from fedfusion.common.federation_config import FederationConfig
@@ -80,7 +81,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` stand in for the run config where Flower passes none (in-process
     simulation), the run config wins otherwise."""
     overrides = dict(overrides or {})
-    app = ClientApp()
+    app = ClientApp(mods=[audit_mod])  # outermost: records every reply, of every message type
 
     def _config(context: Context) -> tuple[FederationConfig, dict[str, Any]]:
         run_config = {**overrides, **dict(context.run_config)}

@@ -20,6 +20,7 @@ The site config is the one file hospital IT edits::
     port = 9094                                  # local Runtime API port; one per SuperNode on a host
     warm = true                                  # ClientApps forked from a preloaded process (see below)
     poll-interval = 0.25                         # seconds between polls of the coordinator while idle
+    # max-restarts = 10                          # default: restart the SuperNode forever (with backoff)
 
     [privacy]                                    # optional; with it the site trains only with DP-SGD
     max-epsilon = 3.0                            # the most ε this site spends on one study, ever
@@ -66,6 +67,7 @@ class SiteConfig:
     port: int = 9094
     warm: bool = True
     poll_interval: float = 0.25
+    max_restarts: int | None = None  # None: the supervisor restarts the SuperNode forever
     source: Path | None = None
     privacy: PrivacyPolicy = PrivacyPolicy()
     approved_apps: frozenset[str] | None = None  # None: no [approval] table, every bundle may run
@@ -103,6 +105,9 @@ class SiteConfig:
             poll_interval = float(supernode.get("poll-interval", 0.25))
         except (TypeError, ValueError):
             poll_interval = -1.0
+        max_restarts = supernode.get("max-restarts")
+        if max_restarts is not None and (not isinstance(max_restarts, int) or max_restarts < 0):
+            raise ConfigError(f"{path}: [supernode] max-restarts must be a whole number >= 0, got {max_restarts!r}")
         if not 0.01 <= poll_interval <= 60:
             raise ConfigError(f"{path}: [supernode] poll-interval must be a number of seconds between 0.01 and 60, "
                               f"got {supernode.get('poll-interval')!r}")
@@ -110,13 +115,18 @@ class SiteConfig:
                    address=str(coordinator["address"]), device=str(site.get("device", "auto")),
                    insecure=insecure, root_certificates=resolve(root) if root else None,
                    **_auth_keys(raw, path, insecure, resolve), port=port,
-                   warm=bool(supernode.get("warm", True)), poll_interval=poll_interval, source=path,
+                   warm=bool(supernode.get("warm", True)), poll_interval=poll_interval,
+                   max_restarts=max_restarts, source=path,
                    privacy=_privacy_policy(raw, path), approved_apps=_approved_apps(raw, path))
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string: what the ClientApp reads to find this site's data."""
         pairs = {"manifest": str(self.manifest), "schema": str(self.schema), "site-id": self.site_id,
                  "device": self.device, **self.privacy.node_config()}
+        if self.source is not None:  # every reply is recorded here before it leaves (client/audit_mod.py)
+            from fedfusion.client.audit import audit_path_for
+
+            pairs["audit-log"] = str(audit_path_for(self.source))
         return " ".join(f'{k}="{v}"' for k, v in pairs.items())
 
 
@@ -277,4 +287,5 @@ def _run_site_processes(cfg: SiteConfig) -> int:
     def helpers(supernode_pid: int) -> list[list[str]]:
         return [warm_superexec_command(cfg, supernode_pid)] if cfg.warm else []
 
-    return supervise(cfg.site_id, supernode_command(cfg), helpers, status_path_for(cfg), env=tool_env())
+    return supervise(cfg.site_id, supernode_command(cfg), helpers, status_path_for(cfg), env=tool_env(),
+                     max_restarts=cfg.max_restarts)

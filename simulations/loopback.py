@@ -95,7 +95,7 @@ class LoopbackDeployment:
         raise TimeoutError(f"{name} did not log {needles} within {timeout} s")
 
     def site_config(self, site: str, manifest: Path, *, kit: Path | None = None, ca: Path | None = None,
-                    auth: bool = True, warm: bool | None = None) -> Path:
+                    auth: bool = True, warm: bool | None = None, max_restarts: int | None = None) -> Path:
         """A site.toml for ``site``: insecure, or with ``kit``'s CA (``ca`` overrides it) and, with
         ``auth``, its key."""
         transport = "insecure = true\n"
@@ -109,7 +109,8 @@ class LoopbackDeployment:
             f'[site]\nid = "{site}"\nmanifest = "{manifest}"\nschema = "{self.schema}"\ndevice = "{self.device}"\n'
             f'[coordinator]\naddress = "127.0.0.1:{self.port}"\n{transport}'
             f"[supernode]\nport = {free_port()}\nwarm = {str(self.warm if warm is None else warm).lower()}\n"
-            + ("" if self.approved_apps is None else
+            + ("" if max_restarts is None else f"max-restarts = {max_restarts}\n")
+            + ("" if self.approved_apps is None or warm is False else
                "[approval]\napps = [" + ", ".join(f'"{h}"' for h in self.approved_apps) + "]\n"))
         return config
 

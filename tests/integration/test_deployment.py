@@ -64,6 +64,13 @@ def test_three_sites_two_rounds_improve_every_site(deployment: tuple[LoopbackDep
     coordinator_log = dep.logs(tail=1_000_000)["coordinator.log"]
     assert "SuperNode authentication is disabled" not in coordinator_log  # Flower's warning without it
     assert all(f"site {site}: registered" in coordinator_log for site in SITES), coordinator_log[-3000:]
+    from fedfusion.client.audit import iter_records
+
+    # Every reply that left a site is in its audit log (the three loopback sites share one folder).
+    audited = list(iter_records(dep.folder / "audit.jsonl"))
+    for site in SITES:
+        kinds = {(r["message_type"], r["round"]) for r in audited if r["site_id"] == site}
+        assert {("evaluate", 0), ("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2)} <= kinds, kinds
     site_logs = dep.logs(tail=1_000_000)
     assert all("only 1 approved app bundle(s) may run" in site_logs[f"site-{site}.log"] for site in SITES)
     sites = subprocess.run([FEDFUSION, "coordinator", "sites", "--state-dir", str(dep.state_dir),
@@ -85,9 +92,12 @@ def test_sites_outside_the_federation_are_refused(deployment: tuple[LoopbackDepl
     manifest = dep.site_manifests[SITES[0]]
     real_ca = dep.kits / "coordinator" / "ca.pem"
     procs = {
-        "intruder": dep.start_site("intruder", manifest, kit=foreign / "intruder", ca=real_ca, warm=False),
-        "keyless": dep.start_site("keyless", manifest, kit=dep.kits / SITES[0], auth=False, warm=False),
-        "wrong-ca": dep.start_site("wrong-ca", manifest, kit=foreign / "wrong-ca", warm=False),
+        # max_restarts=0: the site supervisor would otherwise retry a refused site forever (with backoff)
+        "intruder": dep.start_site("intruder", manifest, kit=foreign / "intruder", ca=real_ca, warm=False,
+                                   max_restarts=0),
+        "keyless": dep.start_site("keyless", manifest, kit=dep.kits / SITES[0], auth=False, warm=False,
+                                  max_restarts=0),
+        "wrong-ca": dep.start_site("wrong-ca", manifest, kit=foreign / "wrong-ca", warm=False, max_restarts=0),
     }
     codes = {name: proc.wait(timeout=180) for name, proc in procs.items()}
     logs = dep.logs(tail=20_000)

@@ -83,3 +83,11 @@ def test_bad_poll_interval_is_named(tmp_path: Path) -> None:
                     '[coordinator]\naddress = "c:1"\ninsecure = true\n[supernode]\npoll-interval = 0\n')
     with pytest.raises(ConfigError, match="poll-interval must be a number of seconds between 0.01 and 60"):
         SiteConfig.load(config)
+
+
+def test_max_restarts_is_parsed_and_checked(tmp_path: Path) -> None:
+    base = '[site]\nid = "A"\nmanifest = "m"\nschema = "s"\n[coordinator]\naddress = "c:1"\ninsecure = true\n'
+    assert SiteConfig.load(_write(tmp_path / "a.toml", base)).max_restarts is None
+    assert SiteConfig.load(_write(tmp_path / "b.toml", base + "[supernode]\nmax-restarts = 0\n")).max_restarts == 0
+    with pytest.raises(ConfigError, match="max-restarts must be a whole number"):
+        SiteConfig.load(_write(tmp_path / "c.toml", base + "[supernode]\nmax-restarts = -1\n"))

@@ -1,0 +1,78 @@
+"""audit_mod: every reply of every message type is recorded before it leaves; values never are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from fedfusion.client.audit import iter_records, payload_sha256
+from fedfusion.client.audit_mod import audit_mod
+
+DISTINCT = 0.123456789
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages need a run identity, which Flower's runtime sets in a real ClientApp process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 99), ("_node_id", 7)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+def _incoming(message_type: str = "train") -> Message:
+    content = RecordDict({"config": ConfigRecord({"server-round": 4})})
+    return Message(content, dst_node_id=7, message_type=message_type)
+
+
+def _context(node_config: dict) -> Context:
+    return Context(run_id=99, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _reply_to(msg: Message) -> Message:
+    weights = np.full((3, 2), DISTINCT, dtype=np.float32)
+    content = RecordDict({"arrays": ArrayRecord({"head.weight": Array(weights)}),
+                          "metrics": MetricRecord({"num-examples": 12, "epsilon": 0.7}),
+                          "site": ConfigRecord({"site-id": "A", "share": b"\x00" * 48})})
+    return Message(content, reply_to=msg)
+
+
+def test_a_train_reply_is_recorded_with_shapes_norms_and_hash_not_values(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    msg = _incoming("train")
+    reply = audit_mod(msg, _context({"audit-log": str(log), "site-id": "A"}), lambda m, c: _reply_to(m))
+    assert reply.has_content()
+    (record,) = list(iter_records(log))
+    assert record["site_id"] == "A" and record["run_id"] == 99 and record["round"] == 4
+    assert record["message_type"] == "train" and record["epsilon"] == pytest.approx(0.7)
+    assert record["tensors"][0]["name"] == "arrays/head.weight" and record["tensors"][0]["shape"] == [3, 2]
+    assert record["metrics"]["site/share"] == {"bytes": 48}  # ciphertext sizes, never their bytes
+    assert str(DISTINCT)[:8] not in log.read_text()
+    tensors = {"arrays/head.weight": reply.content.array_records["arrays"]["head.weight"].numpy()}
+    assert record["sha256"] == payload_sha256(tensors, record["metrics"])
+
+
+def test_every_message_type_passes_through_the_mod(tmp_path: Path) -> None:
+    log = tmp_path / "audit.jsonl"
+    for message_type in ("evaluate", "query.secagg_masked_input"):
+        audit_mod(_incoming(message_type), _context({"audit-log": str(log), "site-id": "A"}),
+                  lambda m, c: _reply_to(m))
+    assert [r["message_type"] for r in iter_records(log)] == ["evaluate", "query.secagg_masked_input"]
+
+
+def test_without_an_audit_log_the_reply_is_untouched(tmp_path: Path) -> None:
+    msg = _incoming()
+    sent = _reply_to(msg)
+    assert audit_mod(msg, _context({}), lambda m, c: sent) is sent
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_log_that_cannot_be_written_stops_the_reply(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the log's folder should be")
+    with pytest.raises(OSError):
+        audit_mod(_incoming(), _context({"audit-log": str(blocked / "audit.jsonl"), "site-id": "A"}),
+                  lambda m, c: _reply_to(m))
