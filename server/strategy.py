@@ -19,7 +19,7 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.supercore import log
@@ -195,6 +195,21 @@ class ModalityAwareFedAdam(FedAdam, ModalityAwareFedAvg):
     def __init__(self, *, parameter_groups: Mapping[str, str], **kwargs: Any):
         super().__init__(**kwargs)
         self.parameter_groups = dict(parameter_groups)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's FedAdam step, returned in the global model's dtypes.
+
+        Flower computes the Adam step in float64; handing that back would make the next round's float32
+        updates fail the dtype check (and double the bytes sent), so every round after the first was
+        rejected before this cast.
+        """
+        reference = {k: np.asarray(v).dtype for k, v in (self._global or {}).items()}
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or not reference:
+            return arrays, metrics
+        return ArrayRecord({k: Array(np.asarray(a.numpy()).astype(reference.get(k, a.numpy().dtype), copy=False))
+                            for k, a in arrays.items()}), metrics
 
     def state(self) -> dict[str, Any]:
         state = super().state()

@@ -119,3 +119,19 @@ def test_round_metrics_average_scores_and_sum_counts() -> None:
     merged = weighted_metric_mean(sites)
     assert merged["c_index"] == pytest.approx((10 * 0.6 + 30 * 0.8) / 40)
     assert (merged["n"], merged["events"], merged["num-examples"]) == (60, 13, 60)
+
+
+def test_fedadam_keeps_the_models_dtypes_so_later_rounds_are_accepted() -> None:
+    rng = np.random.default_rng(5)
+    current = {k: v.astype(np.float32) for k, v in _weights(rng).items()}
+    strategy = build_strategy("fedadam", GROUPS, min_sites=2)
+    for server_round in (1, 2, 3):
+        strategy._global = current
+        strategy.current_arrays = current
+        replies = [_reply({k: (v + rng.normal(size=v.shape)).astype(np.float32) for k, v in current.items()},
+                          _counts(10, 10, 10), site) for site in ("A", "C")]
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+        assert arrays is not None, strategy.rejected
+        current = arrays_to_numpy(arrays)
+        assert {v.dtype for v in current.values()} == {np.dtype(np.float32)}
+    assert strategy.rejected == []
