@@ -120,6 +120,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from fedfusion.simulations.datasets import DatasetError
     from fedfusion.simulations.experiment import RichProgress, StudyError, load_study, run_study
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-round INFO lines would bury the progress bar
@@ -130,8 +131,12 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out or f"runs/study-{Path(args.study).stem}")
     console = Console(stderr=True)
-    with RichProgress(console) as progress:
-        record = run_study(study, out, on_progress=progress)
+    try:
+        with RichProgress(console) as progress:
+            record = run_study(study, out, on_progress=progress)
+    except (DatasetError, ValueError) as err:  # the data set cannot be built or split as the study asks
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     console.print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     print((out / "report.md").read_text())
     for failure in record.failures:

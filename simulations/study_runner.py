@@ -258,7 +258,8 @@ class SeedRun:
         """The same method on a subset of modalities (unimodal baseline / trained ablation)."""
         tag = _variant_tag(keep, self.schema.modalities)
         label = f"{method.name} [{_variant_label(keep, self.schema.modalities)}]"
-        schema_path, sites, skipped = _write_variant(self.schema, self.schema_path.parent, self.sites, keep, tag)
+        schema_path, sites, skipped = write_modality_subset(self.schema, self.schema_path.parent, self.sites, keep,
+                                                            tag)
         if skipped and self.index == 1:
             self.record.notes.append(f"{label}: sites left out (no usable rows with {'+'.join(keep)}): "
                                      + "; ".join(f"{s} ({why})" for s, why in skipped.items()))
@@ -370,11 +371,15 @@ def _variant_label(keep: tuple[str, ...], modalities: tuple[str, ...]) -> str:
     return "without " + "+".join(m for m in modalities if m not in keep)
 
 
-def _write_variant(schema: Schema, data_dir: Path, sites: dict[str, Path], keep: tuple[str, ...],
-                   tag: str) -> tuple[Path, dict[str, Path], dict[str, str]]:
+def write_modality_subset(schema: Schema, data_dir: Path, sites: dict[str, Path], keep: tuple[str, ...],
+                          tag: str) -> tuple[Path, dict[str, Path], dict[str, str]]:
     """Schema and site manifests restricted to ``keep``, written beside the originals (image paths
     stay inside the folder) as ``site-<site>.<tag>.csv``: rows lacking every kept modality are
-    dropped; a site left without train or test rows (or with one class) is left out."""
+    dropped; a site left without train or test rows (or with one class) is left out.
+
+    Returns (restricted schema path, {"<site>.<tag>": manifest}, {site: why it was left out}); the
+    federation sees the subset sites under their ``<site>.<tag>`` names.
+    """
     restricted = schema.with_modalities(keep)
     schema_path = restricted.save(data_dir / f"schema.{tag}.json")
     out: dict[str, Path] = {}

@@ -21,7 +21,7 @@ from fedfusion.common.models import create_model
 from fedfusion.common.training import metrics_from
 from fedfusion.simulations.experiment import BUILTIN_METHODS, StudyError, load_study, parse_study
 from fedfusion.simulations.study_report import add_best_local, fusion_table, per_seed_means, summarise
-from fedfusion.simulations.study_runner import _write_variant, predict_without
+from fedfusion.simulations.study_runner import predict_without, write_modality_subset
 from tests.sitegen import OMICS, make_site
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "docs" / "examples"
@@ -196,7 +196,7 @@ def test_a_modality_subset_keeps_rows_that_have_it_and_leaves_out_sites_without_
         schema: Schema, two_sites: tuple[Path, dict[str, Path]]) -> None:
     root, sites = two_sites
 
-    schema_path, kept, skipped = _write_variant(schema, root, sites, ("omics",), "only-omics")
+    schema_path, kept, skipped = write_modality_subset(schema, root, sites, ("omics",), "only-omics")
 
     assert list(kept) == ["A.only-omics"] and kept["A.only-omics"] == root / "site-A.only-omics.csv"
     assert "B" in skipped

@@ -170,8 +170,13 @@ def test_explain_writes_the_weight_table_and_a_grad_cam_per_site(run_dir: Path, 
 
 def test_cli_explain_runs_and_reports_a_folder_without_a_model(run_dir: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
-    assert main(["explain", str(run_dir), "--out", str(tmp_path / "x"), "--cases", "1", "--repeats", "1"]) == 0
-    assert (tmp_path / "x" / "explain.md").exists() and "Modality weights" in capsys.readouterr().out
+    assert main(["explain", str(run_dir), "--out", str(tmp_path / "x"), "--cases", "1", "--repeats", "1",
+                 "--max-features", "2"]) == 0
+    assert "Modality weights" in capsys.readouterr().out
+    with (tmp_path / "x" / "permutation_importance.csv").open() as handle:
+        genes = {r["feature"] for r in csv.DictReader(handle) if r["modality"] == "omics" and r["feature"] != "*"}
+    assert len(genes) == 2  # 6 genes screened down to the 2 with the largest |gradient x input|
+    assert "6 omics features: the 2 with the largest" in (tmp_path / "x" / "explain.md").read_text()
 
     assert main(["explain", str(tmp_path / "nowhere")]) == 2
     assert "no model.pt" in capsys.readouterr().err
