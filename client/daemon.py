@@ -7,6 +7,7 @@ The site config is the one file hospital IT edits::
     manifest = "/data/fedfusion/manifest.csv"   # relative paths resolve against this file's folder
     schema = "/kit/schema.json"
     device = "auto"                              # or "cpu", "cuda", "cuda:1"
+    require-secure-aggregation = false           # true: never send an update unmasked, whatever a run asks
 
     [coordinator]
     address = "coordinator.example.org:9092"
@@ -70,6 +71,7 @@ class SiteConfig:
     max_restarts: int | None = None  # None: the supervisor restarts the SuperNode forever
     source: Path | None = None
     privacy: PrivacyPolicy = PrivacyPolicy()
+    require_secure_aggregation: bool = False  # the site sends updates only masked, whatever the run config says
     approved_apps: frozenset[str] | None = None  # None: no [approval] table, every bundle may run
 
     @classmethod
@@ -117,12 +119,15 @@ class SiteConfig:
                    **_auth_keys(raw, path, insecure, resolve), port=port,
                    warm=bool(supernode.get("warm", True)), poll_interval=poll_interval,
                    max_restarts=max_restarts, source=path,
+                   require_secure_aggregation=bool(site.get("require-secure-aggregation", False)),
                    privacy=_privacy_policy(raw, path), approved_apps=_approved_apps(raw, path))
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string: what the ClientApp reads to find this site's data."""
         pairs = {"manifest": str(self.manifest), "schema": str(self.schema), "site-id": self.site_id,
                  "device": self.device, **self.privacy.node_config()}
+        if self.require_secure_aggregation:  # checked by client/secure_aggregation.refuse_unmasked_update
+            pairs["require-secure-aggregation"] = "true"
         if self.source is not None:  # every reply is recorded here before it leaves (client/audit_mod.py)
             from fedfusion.client.audit import audit_path_for
 

@@ -83,6 +83,29 @@ def test_three_sites_two_rounds_improve_every_site(deployment: tuple[LoopbackDep
     assert statuses.count("online") >= len(SITES), statuses
 
 
+def test_two_secure_aggregation_rounds_over_tls(deployment: tuple[LoopbackDeployment, Path]) -> None:
+    """The same provisioned sites run SecAgg+ rounds through real SuperLink/SuperNode processes: the
+    server only unmasks the sum, every site is in it, and the model still improves."""
+    dep, root = deployment
+    run_dir = root / "secure-run"
+    done = dep.run(run_dir, rounds=2, settings={"local-epochs": 2, "round-timeout": 300,
+                                                "secure-aggregation": "true", "secagg-timeout": 120}, timeout=900)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:], dep.logs())
+    rounds = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["round"] != "0"]
+    assert [r["round"] for r in rounds] == ["1", "2"]
+    for row in rounds:
+        assert row["secagg_failed"] in ("0", "False", "false", "0.0"), row
+        assert float(row["secagg_masked"]) == len(SITES) and float(row["secagg_sites"]) == len(SITES), row
+    site_rows = list(csv.DictReader((run_dir / "site_metrics.csv").open()))
+    assert not [r for r in site_rows if r["phase"] == "train"], "a secure round must not report per-site training"
+    evaluated = {(r["round"], r["site"]): float(r["c_index"]) for r in site_rows if r["phase"] == "evaluate"}
+    assert sum(evaluated[("2", s)] > evaluated[("0", s)] for s in SITES) >= 2, evaluated
+    from fedfusion.client.audit import iter_records
+
+    stages = {r["message_type"] for r in iter_records(dep.folder / "audit.jsonl") if r["run_id"] and r["round"] == 2}
+    assert {"train.secagg_advertise_keys", "train.secagg_masked_input", "train.secagg_unmask"} <= stages, stages
+
+
 def test_sites_outside_the_federation_are_refused(deployment: tuple[LoopbackDeployment, Path]) -> None:
     """An unregistered key, no key at all, and a foreign CA: each site exits with an error of its own."""
     from fedfusion.server.provision import provision

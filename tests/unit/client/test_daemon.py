@@ -91,3 +91,11 @@ def test_max_restarts_is_parsed_and_checked(tmp_path: Path) -> None:
     assert SiteConfig.load(_write(tmp_path / "b.toml", base + "[supernode]\nmax-restarts = 0\n")).max_restarts == 0
     with pytest.raises(ConfigError, match="max-restarts must be a whole number"):
         SiteConfig.load(_write(tmp_path / "c.toml", base + "[supernode]\nmax-restarts = -1\n"))
+
+
+def test_a_site_can_require_secure_aggregation_through_node_config(tmp_path: Path) -> None:
+    base = '[site]\nid = "A"\nmanifest = "m"\nschema = "s"\n{extra}[coordinator]\naddress = "c:1"\ninsecure = true\n'
+    plain = SiteConfig.load(_write(tmp_path / "a.toml", base.format(extra="")))
+    assert "require-secure-aggregation" not in plain.node_config()
+    strict = SiteConfig.load(_write(tmp_path / "b.toml", base.format(extra="require-secure-aggregation = true\n")))
+    assert 'require-secure-aggregation="true"' in strict.node_config()
