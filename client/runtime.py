@@ -22,7 +22,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,12 @@ from fedfusion.common.training import (
     seed_everything,
     train_epochs,
 )
+
+
+def round_schedule(cfg: TrainConfig, server_round: int) -> dict[str, int]:
+    """Where round ``server_round`` sits on the learning-rate schedule: rounds, not local epochs,
+    are the schedule's unit in a federation (every site uses one lr for its whole round)."""
+    return {"step": server_round - 1, "total": max(cfg.lr_horizon, server_round)}
 
 
 def site_manifest_path(data_dir: str | Path, site: str) -> Path:
@@ -99,7 +105,9 @@ class SiteRuntime:
         return zlib.crc32(self.site_id.encode()) % 100_000
 
     def build_model(self, cfg: ModelConfig) -> torch.nn.Module:
-        return create_model(self.schema, cfg)
+        """The run's architecture (freezing included); its weights always arrive from the server, so
+        ``pretrained_path`` is not read here: only the coordinator needs the weights file."""
+        return create_model(self.schema, replace(cfg, pretrained_path=None))
 
     def train(self, model: torch.nn.Module, cfg: TrainConfig, server_round: int,
               proximal_mu: float = 0.0, privacy: RoundPrivacy | None = None) -> dict[str, float]:
@@ -117,7 +125,7 @@ class SiteRuntime:
         loss_fn = LossFunction(self.schema, weights)
         loader = make_loader(self.train_set, cfg.batch_size, shuffle=True,
                              seed=cfg.seed + server_round * 7919 + self.seed_offset)
-        optimizer = make_optimizer(model, cfg)
+        optimizer = make_optimizer(model, cfg, **round_schedule(cfg, server_round))
         began = time.perf_counter()
         losses = train_epochs(model, loader, optimizer, loss_fn, cfg.epochs, self.device,
                               proximal_mu=proximal_mu, start_epoch=(server_round - 1) * cfg.epochs)
@@ -140,7 +148,8 @@ class SiteRuntime:
         # loss to the others' labels, outside what per-sample clipping bounds.
         loss_fn = LossFunction(self.schema)
         began = time.perf_counter()
-        private = make_private(model, self.train_set, make_optimizer(model, cfg), loss_fn, batch_size=cfg.batch_size,
+        optimizer = make_optimizer(model, cfg, **round_schedule(cfg, server_round))  # Opacus keeps its lr
+        private = make_private(model, self.train_set, optimizer, loss_fn, batch_size=cfg.batch_size,
                                noise_multiplier=charge.noise_multiplier, max_grad_norm=terms.max_grad_norm,
                                accountant=privacy.ledger.accountant, grad_sample_mode=terms.grad_sample_mode,
                                physical_batch_size=terms.physical_batch_size, device=self.device,
@@ -194,6 +203,9 @@ def site_from_context(node_config: dict[str, Any], run_config: dict[str, Any]) -
     """Resolve which site this process is, from the node config (deployment) or partition id."""
     device = str(node_config.get("device", "auto"))
     if "manifest" in node_config:
+        if not isinstance(node_config["manifest"], str) or not node_config["manifest"].strip():
+            raise ConfigError(f"node config manifest must be the path of the site's CSV file, "
+                              f"got {node_config['manifest']!r}")
         schema = str(node_config.get("schema") or run_config.get("schema", ""))
         if not schema:
             raise ConfigError("node config names a manifest but no schema; add schema=\"/path/schema.json\"")
@@ -201,7 +213,14 @@ def site_from_context(node_config: dict[str, Any], run_config: dict[str, Any]) -
         return load_site(str(node_config["manifest"]), schema, site_id, device)
     if "partition-id" in node_config:
         sites = [s for s in str(run_config.get("sites", "")).split(",") if s]
-        partition = int(node_config["partition-id"])
+        partition = node_config["partition-id"]
+        if isinstance(partition, str) and partition.strip().isdigit():
+            partition = int(partition)
+        if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
+            raise ConfigError(f"node config partition-id must be a whole number >= 0, got {partition!r}")
+        missing = [key for key in ("data-dir", "schema") if not run_config.get(key)]
+        if missing:
+            raise ConfigError(f"simulation partition {partition}: run config needs {missing}")
         if partition >= len(sites):
             raise ConfigError(f"simulation partition {partition} has no site; run config 'sites' lists {sites}")
         site = sites[partition]

@@ -21,6 +21,8 @@ TASKS = ("classification", "survival", "both")
 MODALITIES = ("image", "clinical", "omics")
 
 Task = Literal["classification", "survival", "both"]
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+LR_SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
 
 
 class ConfigError(ValueError):
@@ -43,11 +45,22 @@ class ClinicalColumn:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """Geometry every image is resized to; ``channels`` is 1 (grey) or 3 (RGB)."""
+    """Geometry every image is resized to; ``channels`` is 1 (grey) or 3 (RGB).
+
+    ``depth`` > 0 makes the modality 3-D: each case is a volume (NIfTI, multi-frame DICOM, a folder
+    of DICOM slices, a 3-D ``.npy``) resampled to ``(channels, depth, *size)`` and encoded by a
+    volumetric backbone (``cnn3d_small``); 0 means 2-D images.
+    """
 
     column: str = "image"
     size: tuple[int, int] = (64, 64)
     channels: int = 1
+    depth: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-case tensor shape: ``(C, H, W)``, or ``(C, D, H, W)`` for volumes."""
+        return (self.channels, *((self.depth,) if self.depth else ()), *self.size)
 
 
 @dataclass(frozen=True)
@@ -97,6 +110,18 @@ class Schema:
                 )
         if self.image is not None and self.image.channels not in (1, 3):
             raise ConfigError(f"schema '{self.name}': image channels must be 1 or 3, got {self.image.channels}")
+        if self.image is not None and self.image.depth < 0:
+            raise ConfigError(f"schema '{self.name}': image depth must be >= 0 (0 = 2-D), got {self.image.depth}")
+        if self.image is not None and min(self.image.size) < 1:
+            raise ConfigError(f"schema '{self.name}': image size must be positive [height, width], "
+                              f"got {list(self.image.size)}")
+        for what, values in (("classes", self.classes), ("omics", self.omics)):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ConfigError(f"schema '{self.name}': {what} listed twice: {twice}")
+        overlap = sorted(set(names) & set(self.omics))
+        if overlap:
+            raise ConfigError(f"schema '{self.name}': columns {overlap} are both clinical and omics")
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -151,6 +176,8 @@ class Schema:
         out["omics"] = list(self.omics)
         if self.image is not None:
             out["image"] = {"column": self.image.column, "size": list(self.image.size), "channels": self.image.channels}
+            if self.image.depth:
+                out["image"]["depth"] = self.image.depth
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -166,6 +193,12 @@ class Schema:
             raise ConfigError(f"{source}: unknown schema keys {unknown}; expected some of {sorted(known)}")
         if "name" not in raw or "task" not in raw:
             raise ConfigError(f"{source}: a schema needs 'name' and 'task'")
+        for key in ("classes", "clinical", "omics"):
+            if key in raw and not isinstance(raw[key], list | tuple):
+                raise ConfigError(f"{source}: '{key}' must be a JSON list, got {raw[key]!r}")
+        if raw.get("image") is not None and not isinstance(raw["image"], dict):
+            raise ConfigError(f"{source}: 'image' must be a JSON object such as {{\"size\": [64, 64]}}, "
+                              f"got {raw['image']!r}")
         try:
             clinical = tuple(
                 ClinicalColumn(
@@ -185,6 +218,7 @@ class Schema:
                     column=str(image_raw.get("column", "image")),
                     size=(size[0], size[1]),
                     channels=int(image_raw.get("channels", 1)),
+                    depth=int(image_raw.get("depth", 0)),
                 )
             return cls(
                 name=str(raw["name"]),
@@ -201,7 +235,7 @@ class Schema:
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{source}: malformed schema ({type(err).__name__}: {err})") from None
 
 
@@ -211,7 +245,10 @@ def load_schema(path: str | Path) -> Schema:
     if not path.is_file():
         raise ConfigError(f"schema file not found: {path}")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); "
+                          "expected a schema JSON file") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
     if not isinstance(raw, dict):
@@ -236,10 +273,22 @@ class ModelConfig:
     image_backbone: str = "cnn_small"
     pretrained_path: str | None = None
     categorical_embed_dim: int = 8
+    # Transfer learning (docs/transfer-learning.md). ``pretrained_min_fraction`` < 1 lets a file that
+    # fits only partly load (unmatched keys are listed in a warning) as long as that fraction of the
+    # backbone's tensors came from it; 1.0 = strict. ``trainable_blocks`` N > 0 trains only the last N
+    # blocks/stages of the image backbone (and what follows them); ``freeze_backbone`` with N = 0
+    # freezes the whole backbone (the projection, fusion and heads always train).
+    pretrained_min_fraction: float = 1.0
+    freeze_backbone: bool = False
+    trainable_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1 or self.hidden_dim < 1:
             raise ConfigError("model: embed-dim and hidden-dim must be positive")
+        if not 0.0 < self.pretrained_min_fraction <= 1.0:
+            raise ConfigError(f"model: pretrained-min-fraction must be in (0, 1], got {self.pretrained_min_fraction}")
+        if self.trainable_blocks < 0:
+            raise ConfigError(f"model: trainable-blocks must be >= 0, got {self.trainable_blocks}")
         for name in ("dropout", "modality_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -260,6 +309,19 @@ class TrainConfig:
     class_weighted: bool = True
     augment: bool = True
     num_workers: int = 0
+    # Optimiser and learning-rate schedule (common/training.py: make_optimizer, lr_factor). The
+    # schedule runs over epochs in pooled/local training and over server rounds in a federation
+    # (``lr_horizon`` = the run's rounds; 0 = the caller's own horizon, e.g. ``epochs`` in ``fit``).
+    # ``lr_warmup`` and ``lr_step_size`` count the same unit (epochs or rounds).
+    optimizer: str = "adamw"
+    momentum: float = 0.9  # sgd (heavy-ball) and rmsprop only
+    lr_schedule: str = "constant"
+    lr_warmup: int = 0
+    lr_step_size: int = 10
+    lr_gamma: float = 0.1
+    lr_min_factor: float = 0.0  # cosine floor, as a fraction of the base learning rate
+    lr_horizon: int = 0
+    backbone_lr_scale: float = 1.0  # image backbone's lr = lr * this (e.g. 0.1 for pretrained weights)
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -268,6 +330,20 @@ class TrainConfig:
             raise ConfigError(f"train: batch-size must be >= 1, got {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"train: lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"train: lr-schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"train: momentum must be in [0, 1), got {self.momentum}")
+        if self.lr_warmup < 0 or self.lr_step_size < 1 or self.lr_horizon < 0:
+            raise ConfigError("train: lr-warmup and lr-horizon must be >= 0 and lr-step-size >= 1")
+        if not 0.0 < self.lr_gamma <= 1.0 or not 0.0 <= self.lr_min_factor <= 1.0:
+            raise ConfigError(f"train: lr-gamma must be in (0, 1] and lr-min-factor in [0, 1], got "
+                              f"{self.lr_gamma} and {self.lr_min_factor}")
+        if self.backbone_lr_scale <= 0:
+            raise ConfigError(f"train: backbone-lr-scale must be > 0 (freeze with freeze-backbone), "
+                              f"got {self.backbone_lr_scale}")
 
 
 def from_flat(cls: type, flat: dict[str, Any], prefix: str = "") -> Any:

@@ -3,7 +3,7 @@
 Items are dicts (Opacus' DP data loader learns the batch structure from the first batch), with
 the keys the model consumes (see ``fedfusion.common.models``):
 
-- ``image`` float (C, H, W), zeros when absent;
+- ``image`` float (C, H, W), or (C, D, H, W) when the schema's image has a depth; zeros when absent;
 - ``clinical_num`` float (2 * numeric columns): per column [standardised value, missing flag];
 - ``clinical_cat`` long (categorical columns): category index + 1, 0 = missing;
 - ``omics`` float (features), standardised, 0 where missing;
@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 from fedfusion.common.config import Schema
 from fedfusion.common.imaging import ImageReadError, augment, load_image_tensor
 from fedfusion.common.manifest import Manifest
+from fedfusion.common.volumes import load_volume_tensor
 
 
 class DataError(RuntimeError):
@@ -183,10 +184,13 @@ class MultimodalDataset(Dataset):
         row = int(self.rows[index])
         path = self.manifest.frame["image"].iloc[row]
         if path is None:
-            tensor = torch.zeros(spec.channels, *spec.size)
+            tensor = torch.zeros(spec.shape)
         else:
             try:
-                tensor = load_image_tensor(path, size=spec.size, channels=spec.channels)
+                if spec.depth:  # a volume: (C, D, H, W); augment() flips/turns every slice alike
+                    tensor = load_volume_tensor(path, spec.depth, spec.size, spec.channels)
+                else:
+                    tensor = load_image_tensor(path, size=spec.size, channels=spec.channels)
             except ImageReadError as err:
                 raise DataError(f"{self.manifest.path}, line {row + 2}, column '{spec.column}': {err}") from None
         if self.cache_images:

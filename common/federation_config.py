@@ -39,6 +39,20 @@ DEFAULTS: dict[str, Any] = {
     "local-device": "auto",
     "fusion": "attention",
     "image-backbone": "cnn_small",
+    # Optimiser and lr schedule (common/training.py); the schedule's unit is the server round.
+    "local-optimizer": "adamw",  # adam | adamw | sgd | rmsprop
+    "local-momentum": 0.9,  # sgd and rmsprop
+    "lr-schedule": "constant",  # constant | cosine | step | warmup_cosine
+    "lr-warmup": 0,  # warmup_cosine: rounds of linear warmup
+    "lr-step-size": 10,  # step: rounds between decays
+    "lr-gamma": 0.1,  # step: decay factor
+    "lr-min-factor": 0.0,  # cosine: final lr as a fraction of local-lr
+    # Transfer learning (docs/transfer-learning.md): a local file, present at every site
+    "pretrained-path": "",
+    "pretrained-min-fraction": 1.0,  # < 1: accept a partly matching file if this share of tensors loaded
+    "freeze-backbone": False,
+    "trainable-blocks": 0,  # > 0: train only the image backbone's last N blocks/stages
+    "backbone-lr-scale": 1.0,  # the image backbone's lr relative to local-lr
     # Privacy (common/privacy.py). The ledger key: ε budgets are per study ("" = the schema's name).
     "study": "",
     "dp-mode": "off",  # off | sample (DP-SGD at every site) | client (central DP, Flower's wrapper)
@@ -61,6 +75,10 @@ DEFAULTS: dict[str, Any] = {
     "secagg-weight-bound": 100000.0,  # largest example count a site may report
     "secagg-timeout": 600.0,  # seconds per key-exchange stage (stage 1 trains: round-timeout)
 }
+
+# TrainConfig fields whose run-config keys have no ``local-`` prefix (they are federation-wide).
+_UNPREFIXED_TRAIN_KEYS = ("lr_schedule", "lr_warmup", "lr_step_size", "lr_gamma", "lr_min_factor",
+                          "backbone_lr_scale")
 
 # Keys that may differ between an interrupted run and its resumption without changing the result.
 _RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds", "secagg-timeout")
@@ -96,8 +114,10 @@ class FederationConfig:
         flat = {**DEFAULTS, **dict(run_config)}
         try:
             train = from_flat(TrainConfig, flat, prefix="local-")
-            train = TrainConfig(**{**asdict(train), "seed": int(flat["seed"])})
-            model = from_flat(ModelConfig, flat)
+            unprefixed = {k: flat[k.replace("_", "-")] for k in _UNPREFIXED_TRAIN_KEYS}
+            train = TrainConfig(**{**asdict(train), **unprefixed, "seed": int(flat["seed"]),
+                                   "lr_horizon": int(flat["num-server-rounds"])})
+            model = from_flat(ModelConfig, {**flat, "pretrained-path": flat["pretrained-path"] or None})
             cfg = cls(
                 num_rounds=int(flat["num-server-rounds"]),
                 strategy=str(flat["strategy"]),

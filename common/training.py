@@ -218,8 +218,73 @@ class FitResult:
     best_score: float = float("nan")
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+_BACKBONE_PREFIXES = ("encoders.image.backbone.", "_module.encoders.image.backbone.")
+
+
+def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based) of ``total`` (epochs or rounds).
+
+    ``cosine`` decays from 1 to ``lr_min_factor`` over ``total`` steps; ``warmup_cosine`` first rises
+    linearly over ``lr_warmup`` steps (1/W, 2/W, ..., 1) and then decays like ``cosine`` over the rest;
+    ``step`` multiplies by ``lr_gamma`` every ``lr_step_size`` steps. Steps past ``total`` stay at
+    the last value, so a resumed run with more rounds does not restart the schedule.
+    """
+    step = max(step, 0)
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "step":
+        return cfg.lr_gamma ** (step // cfg.lr_step_size)
+    warmup = cfg.lr_warmup if cfg.lr_schedule == "warmup_cosine" else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min((step - warmup) / span, 1.0)
+    return cfg.lr_min_factor + (1.0 - cfg.lr_min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr_factor(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Scale every parameter group's base lr (``initial_lr``, set by :func:`make_optimizer`).
+
+    Works on Opacus' DPOptimizer too: it shares the wrapped optimizer's ``param_groups``.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, *, step: int = 0, total: int | None = None
+                   ) -> torch.optim.Optimizer:
+    """The run's optimiser over the trainable parameters, at schedule position ``step`` of ``total``.
+
+    Frozen parameters (``requires_grad=False``) are left out, so neither weight decay nor momentum
+    moves them. The image backbone gets its own group at ``lr * backbone_lr_scale`` (fine-tuning
+    pretrained weights more gently than the freshly initialised fusion and heads). ``total`` defaults
+    to ``cfg.lr_horizon`` or, when that is 0, ``cfg.epochs``; a federated site passes its round.
+    """
+    backbone, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (backbone if name.startswith(_BACKBONE_PREFIXES) else rest).append(param)
+    groups = [{"params": rest, "lr": cfg.lr, "initial_lr": cfg.lr}]
+    if backbone:
+        lr = cfg.lr * cfg.backbone_lr_scale
+        groups.append({"params": backbone, "lr": lr, "initial_lr": lr})
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("every parameter of the model is frozen; nothing to train")
+    wd = cfg.weight_decay
+    if cfg.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=wd)
+    elif cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=wd)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    elif cfg.optimizer == "rmsprop":
+        optimizer = torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd)
+    else:  # TrainConfig validates the name; this guards hand-built configs
+        raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
+    horizon = total if total is not None else (cfg.lr_horizon or cfg.epochs)
+    set_lr_factor(optimizer, lr_factor(cfg, step, horizon))
+    return optimizer
 
 
 def fit(
@@ -242,8 +307,10 @@ def fit(
     best_key: tuple[float, float] = (-math.inf, -math.inf)
     stale = 0
     for epoch in range(cfg.epochs):
+        factor = lr_factor(cfg, epoch, cfg.lr_horizon or cfg.epochs)
+        set_lr_factor(optimizer, factor)
         (train_loss,) = train_epochs(model, train_loader, optimizer, loss_fn, 1, device, start_epoch=epoch)
-        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss}
+        row: dict[str, float] = {"epoch": epoch + 1, "train_loss": train_loss, "lr": cfg.lr * factor}
         if val_loader is not None:
             val = metrics_from(predict(model, val_loader, loss_fn, device))
             row.update({f"val_{k}": v for k, v in val.items()})

@@ -30,6 +30,7 @@ from .encoders import ClinicalEncoder, ClinicalRaw, OmicsEncoder, OmicsRaw, buil
 from .fusion import Fusion
 from .heads import PerModalityHead, schema_tasks
 from .registry import TIMM_PREFIX, get_fusion, get_head, list_image_backbones
+from .transfer import freeze_image_backbone
 
 #: Parameter groups, in the order :meth:`FusionModel.parameter_groups` lists them.
 PARAMETER_GROUPS = (*MODALITIES, "fusion", "head")
@@ -144,7 +145,8 @@ class FusionModel(nn.Module):
 def create_model(schema: Schema, cfg: ModelConfig | None = None) -> FusionModel:
     """Build the model for ``schema`` as ``cfg`` says; unknown names raise ``ConfigError``.
 
-    The image backbone is random-init unless ``cfg.pretrained_path`` names a local file.
+    The image backbone is random-init unless ``cfg.pretrained_path`` names a local file; it is then
+    frozen in whole or in part as ``cfg.freeze_backbone``/``cfg.trainable_blocks`` say.
     """
     cfg = cfg or ModelConfig()
     try:
@@ -158,9 +160,12 @@ def create_model(schema: Schema, cfg: ModelConfig | None = None) -> FusionModel:
             raise ConfigError(f"model: unknown image-backbone '{cfg.image_backbone}'; registered: "
                               f"{list_image_backbones()}, or '{TIMM_PREFIX}<any timm model name>'")
         encoders["image"] = build_image_encoder(cfg.image_backbone, schema.image, cfg.embed_dim,
-                                                cfg.pretrained_path)
-    elif cfg.pretrained_path:
-        raise ConfigError(f"model: pretrained-path is set but schema '{schema.name}' has no image modality")
+                                                cfg.pretrained_path, min_fraction=cfg.pretrained_min_fraction)
+        freeze_image_backbone(encoders["image"].backbone, freeze=cfg.freeze_backbone,
+                              trainable_blocks=cfg.trainable_blocks, name=cfg.image_backbone)
+    elif cfg.pretrained_path or cfg.freeze_backbone or cfg.trainable_blocks:
+        raise ConfigError(f"model: pretrained-path/freeze-backbone/trainable-blocks are set but schema "
+                          f"'{schema.name}' has no image modality")
     if schema.clinical:
         encoders["clinical"] = ClinicalRaw(schema) if fusion_cls.raw_tabular else ClinicalEncoder(schema, cfg)
     if schema.omics:

@@ -56,6 +56,9 @@ def register_image_backbone(name: str) -> Callable[[F], F]:
 
     The backbone maps (B, C, H, W) float images to (B, num_features) (the width is found by one
     forward) and must already be Opacus-ready (no BatchNorm, no in-place ops on hooked outputs).
+    A builder that accepts a keyword ``min_fraction`` is given ``ModelConfig.pretrained_min_fraction``
+    when that is below 1 (partial loading of ``pretrained_path``); volumetric backbones set
+    ``volumetric = True`` and take (B, C, D, H, W).
     """
     if name.startswith(TIMM_PREFIX):
         raise ValueError(f"backbone names may not start with '{TIMM_PREFIX}' (reserved for any timm model)")

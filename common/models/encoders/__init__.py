@@ -4,6 +4,7 @@ from .clinical import ClinicalEncoder, ClinicalRaw
 from .image import ImageEncoder, SmallCNN, build_image_encoder, build_timm_backbone, load_local_weights
 from .omics import OmicsEncoder, OmicsRaw
 from .surgery import check_opacus_ready, make_opacus_ready, num_groups
+from .volume import SmallCNN3D
 
 __all__ = [
     "ClinicalEncoder",
@@ -12,6 +13,7 @@ __all__ = [
     "OmicsEncoder",
     "OmicsRaw",
     "SmallCNN",
+    "SmallCNN3D",
     "build_image_encoder",
     "build_timm_backbone",
     "check_opacus_ready",

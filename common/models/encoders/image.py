@@ -9,7 +9,10 @@ file saved from a fedfusion model, whose norm layers are already renamed, is loa
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -18,7 +21,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv
 from torch import nn
 
-from ...config import ImageSpec
+from ...config import ConfigError, ImageSpec
 from ..registry import TIMM_PREFIX, get_image_backbone, register_image_backbone
 from .surgery import check_opacus_ready, make_opacus_ready, num_groups
 
@@ -34,6 +37,8 @@ TIMM_BACKBONES = (
 _WRAPPERS = ("module.", "_module.")  # DataParallel/DDP, Opacus GradSampleModule
 _FEDFUSION_BACKBONE = "encoders.image.backbone."  # a whole FusionModel checkpoint
 _SHOWN = 10
+_ENCODER = "encoder."
+_HEADS = ("fc.", "head.", "classifier.", "head_drop.")  # classification layers a backbone does not have
 
 
 class SmallCNN(nn.Module):
@@ -54,28 +59,37 @@ class SmallCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = channels
+        self.block_names = [f"features.{3 * i}" for i in range(len(widths))]  # one stage per conv (freezing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x)).flatten(1)
 
 
 class ImageEncoder(nn.Module):
-    """``batch["image"]`` (B, C, H, W) float -> (B, embed_dim): backbone features, then a Linear."""
+    """``batch["image"]`` (B, C, H, W) float -> (B, embed_dim): backbone features, then a Linear.
+
+    For a schema with ``image.depth`` > 0 the input is a volume (B, C, D, H, W) and the backbone must
+    be volumetric (its ``volumetric`` attribute is True, e.g. ``cnn3d_small``).
+    """
 
     def __init__(self, backbone: nn.Module, image: ImageSpec, embed_dim: int, name: str = "backbone") -> None:
         super().__init__()
+        if image.depth and not getattr(backbone, "volumetric", False):
+            raise ConfigError(f"model: image backbone '{name}' encodes 2-D images but the schema's images are "
+                              f"volumes (depth {image.depth}); use a 3-D backbone such as 'cnn3d_small'")
         self.backbone = backbone
         self.channels, self.size = image.channels, tuple(image.size)
+        self.shape = image.shape
         num_features = _feature_width(backbone, image, name)
         self.proj = nn.Linear(num_features, embed_dim)
         self.out_dim = embed_dim
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         image = batch["image"]
-        if image.ndim != 4 or image.shape[1] != self.channels or tuple(image.shape[2:]) != self.size:
+        if tuple(image.shape[1:]) != self.shape:
             raise ValueError(
                 f"batch['image'] has shape {tuple(image.shape)}; the schema expects "
-                f"(B, {self.channels}, {self.size[0]}, {self.size[1]})"
+                f"(B, {', '.join(str(s) for s in self.shape)})"
             )
         return self.proj(self.backbone(image))
 
@@ -87,7 +101,7 @@ def _feature_width(backbone: nn.Module, image: ImageSpec, name: str) -> int:
     backbone.eval()
     try:
         with torch.no_grad():
-            out = backbone(torch.zeros(2, image.channels, *image.size))
+            out = backbone(torch.zeros(2, *image.shape))
     except (RuntimeError, AssertionError, ValueError) as err:  # timm asserts on sizes
         raise ValueError(
             f"image backbone '{name}' cannot encode {image.channels}x{image.size} images: {err}"
@@ -99,27 +113,33 @@ def _feature_width(backbone: nn.Module, image: ImageSpec, name: str) -> int:
     return int(out.shape[1])
 
 
-def build_image_encoder(name: str, image: ImageSpec, embed_dim: int, pretrained_path: str | None = None
-                        ) -> ImageEncoder:
-    """Build the encoder for backbone ``name`` (registered, or ``timm:<any timm model>``)."""
+def build_image_encoder(name: str, image: ImageSpec, embed_dim: int, pretrained_path: str | None = None,
+                        *, min_fraction: float = 1.0) -> ImageEncoder:
+    """Build the encoder for backbone ``name`` (registered, or ``timm:<any timm model>``).
+
+    ``min_fraction`` < 1 accepts a weights file that fits the backbone only partly (see
+    :func:`load_local_weights`); it is passed to registered builders only when it is not 1.
+    """
     if name.startswith(TIMM_PREFIX):
         timm_name = name[len(TIMM_PREFIX):]
-        backbone = build_timm_backbone(timm_name, image, pretrained_path, probe=True)
+        backbone = build_timm_backbone(timm_name, image, pretrained_path, probe=True, min_fraction=min_fraction)
     else:
-        backbone = get_image_backbone(name)(image, pretrained_path)
+        builder = get_image_backbone(name)
+        extra = {"min_fraction": min_fraction} if pretrained_path and min_fraction < 1.0 else {}
+        backbone = builder(image, pretrained_path, **extra)
     return ImageEncoder(backbone, image, embed_dim, name)
 
 
 @register_image_backbone("cnn_small")
-def cnn_small(image: ImageSpec, pretrained_path: str | None = None) -> nn.Module:
+def cnn_small(image: ImageSpec, pretrained_path: str | None = None, min_fraction: float = 1.0) -> nn.Module:
     model = SmallCNN(image.channels)
     if pretrained_path:
-        load_local_weights(model, pretrained_path, "cnn_small")
+        load_local_weights(model, pretrained_path, "cnn_small", min_fraction=min_fraction)
     return model
 
 
 def build_timm_backbone(name: str, image: ImageSpec, pretrained_path: str | None = None,
-                        probe: bool = False) -> nn.Module:
+                        probe: bool = False, min_fraction: float = 1.0) -> nn.Module:
     """``timm.create_model(name, pretrained=False, num_classes=0, in_chans=C)``, local weights, surgery.
 
     ``img_size`` from the schema is passed to models that take it (ViTs and other token models);
@@ -135,16 +155,18 @@ def build_timm_backbone(name: str, image: ImageSpec, pretrained_path: str | None
             raise
         model = timm.create_model(name, **kwargs)
     if pretrained_path:
+        # A stock timm/torchvision file fits before surgery renames the norm layers; a file saved from
+        # a fedfusion backbone fits after it. Load whichever way more of the file's tensors fit.
         state = read_state_dict(pretrained_path)
-        try:  # a stock timm/torchvision file: load before surgery renames the norm layers
-            _load_state(model, state, Path(pretrained_path), name)
+        operated = copy.deepcopy(model)
+        make_opacus_ready(operated)
+        before, after = _plan(model, state), _plan(operated, state)
+        if not before.complete and (after.complete or len(after.loadable) > len(before.loadable)):
+            model = operated
+            _apply(model, after, Path(pretrained_path), name, min_fraction)
+        else:
+            _apply(model, before, Path(pretrained_path), name, min_fraction)
             make_opacus_ready(model)
-        except ValueError as err:  # maybe a file saved from a fedfusion backbone (after surgery)
-            make_opacus_ready(model)
-            try:
-                _load_state(model, state, Path(pretrained_path), name)
-            except ValueError:
-                raise err from None
     else:
         make_opacus_ready(model)
     if probe:
@@ -153,8 +175,8 @@ def build_timm_backbone(name: str, image: ImageSpec, pretrained_path: str | None
 
 
 def _register_timm(name: str) -> None:
-    def builder(image: ImageSpec, pretrained_path: str | None = None) -> nn.Module:
-        return build_timm_backbone(name, image, pretrained_path)
+    def builder(image: ImageSpec, pretrained_path: str | None = None, min_fraction: float = 1.0) -> nn.Module:
+        return build_timm_backbone(name, image, pretrained_path, min_fraction=min_fraction)
 
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = f"timm '{name}' (pretrained=False, num_classes=0) after Opacus surgery."
@@ -165,19 +187,26 @@ for _name in TIMM_BACKBONES:
     _register_timm(_name)
 
 
-def load_local_weights(model: nn.Module, path: str | Path, name: str = "backbone") -> None:
-    """Load a LOCAL weights file into ``model`` strictly (never a download).
+def load_local_weights(model: nn.Module, path: str | Path, name: str = "backbone", *,
+                       min_fraction: float = 1.0) -> None:
+    """Load a LOCAL weights file into ``model`` (never a download); strictly when ``min_fraction`` is 1.
 
     Accepts a raw state_dict or a dict holding one under ``state_dict`` or ``model``; strips
-    ``module.``/``backbone.`` prefixes (DataParallel, self-supervised checkpoints); from a whole
+    ``module.``/``backbone.`` prefixes (DataParallel, self-supervised checkpoints) and an
+    ``encoder.`` prefix shared by every key; classifier keys (``fc.``, ``head.``, ``classifier.``)
+    the model lacks are dropped. From a whole
     fedfusion model checkpoint only the image backbone (``encoders.image.backbone.*``) is used
     (:func:`build_timm_backbone` then loads it after surgery, where its names fit). For timm models,
     classifier weights in the file are ignored (the backbone has ``num_classes=0``), a 3-channel
     first conv is adapted to the schema's channel count as timm does for ImageNet weights, and a
     ViT position embedding is resampled to the schema's image size. Anything else that does not
     match raises ``ValueError`` naming the file and the first missing/unexpected keys.
+
+    With ``min_fraction`` < 1 a partly fitting file is accepted when at least that fraction of the
+    model's tensors (parameters and buffers) loaded; the rest keep their initialisation and a
+    ``UserWarning`` lists them. Below the fraction the error says how many loaded.
     """
-    _load_state(model, read_state_dict(path), Path(path), name)
+    _apply(model, _plan(model, read_state_dict(path)), Path(path), name, min_fraction)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -193,22 +222,57 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _unwrap_state_dict(raw, path)
 
 
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
+@dataclass
+class _LoadPlan:
+    """How a state_dict fits a model: what can load, and what does not fit (for the report)."""
+
+    loadable: dict[str, torch.Tensor]
+    total: int
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self) -> str:
+        return (f"{len(self.missing)} missing keys {self.missing[:_SHOWN]}, {len(self.unexpected)} unexpected keys "
+                f"{self.unexpected[:_SHOWN]}, {len(self.mismatched)} shape mismatches {self.mismatched[:_SHOWN]}")
+
+
+def _plan(model: nn.Module, state: dict[str, torch.Tensor]) -> _LoadPlan:
     target = model.state_dict()
     cfg = getattr(model, "pretrained_cfg", None) or {}
     state = _adapt_to_timm(model, state, target, cfg)
-    missing = [k for k in target if k not in state]
-    unexpected = [k for k in state if k not in target]
+    state = {k: v for k, v in state.items() if k in target or not k.startswith(_HEADS)}
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
                   for k in state if k in target and state[k].shape != target[k].shape]
-    if missing or unexpected or mismatched:
+    return _LoadPlan(
+        loadable={k: v for k, v in state.items() if k in target and v.shape == target[k].shape},
+        total=len(target),
+        missing=[k for k in target if k not in state],
+        unexpected=[k for k in state if k not in target],
+        mismatched=mismatched,
+    )
+
+
+def _apply(model: nn.Module, plan: _LoadPlan, path: Path, name: str, min_fraction: float) -> None:
+    """Load ``plan`` into ``model``: strictly, or partly when ``min_fraction`` < 1 allows it."""
+    if plan.complete:
+        model.load_state_dict(plan.loadable, strict=True)
+        return
+    loaded = len(plan.loadable)
+    if min_fraction >= 1.0 or loaded < min_fraction * plan.total:
+        allowed = "" if min_fraction >= 1.0 else f" (pretrained-min-fraction = {min_fraction})"
         raise ValueError(
-            f"pretrained_path {path} does not fit image backbone '{name}': "
-            f"{len(missing)} missing keys {missing[:_SHOWN]}, {len(unexpected)} unexpected keys "
-            f"{unexpected[:_SHOWN]}, {len(mismatched)} shape mismatches {mismatched[:_SHOWN]}. "
+            f"pretrained_path {path} does not fit image backbone '{name}': only {loaded} of {plan.total} "
+            f"backbone tensors would load{allowed}; {plan.describe()}. "
             "Was the file saved from a different architecture?"
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(plan.loadable, strict=False)
+    warnings.warn(f"pretrained_path {path}: loaded {loaded} of {plan.total} tensors of image backbone '{name}'; "
+                  f"the rest keep their random initialisation: {plan.describe()}", UserWarning, stacklevel=3)
 
 
 def _unwrap_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
@@ -221,6 +285,8 @@ def _unwrap_state_dict(raw: object, path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"pretrained_path {path}: expected a state_dict (names -> tensors), "
                          "or a dict holding one under 'state_dict' or 'model'")
     state = {_strip(str(k), _WRAPPERS): v for k, v in raw.items()}
+    if state and all(k.startswith(_ENCODER) for k in state):  # e.g. MAE/SimCLR-style encoder checkpoints
+        state = {k[len(_ENCODER):]: v for k, v in state.items()}
     prefix = _FEDFUSION_BACKBONE
     if any(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
