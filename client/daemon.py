@@ -80,16 +80,26 @@ class SiteConfig:
         if not path.is_file():
             raise ConfigError(f"site config not found: {path}")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); "
+                              "expected a TOML site config") from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        for name in ("site", "coordinator", "supernode", "privacy", "approval"):
+            if name in raw and not isinstance(raw[name], dict):
+                raise ConfigError(f"{path}: [{name}] must be a table, got {name} = {raw[name]!r}")
         site, coordinator = raw.get("site", {}), raw.get("coordinator", {})
         supernode = raw.get("supernode", {})
         missing = [f"[site] {k}" for k in ("id", "manifest", "schema") if k not in site]
         missing += ["[coordinator] address"] if "address" not in coordinator else []
         if missing:
             raise ConfigError(f"{path}: missing {', '.join(missing)}")
-        insecure = bool(coordinator.get("insecure", False))
+        for table, key in (("site", "manifest"), ("site", "schema"), ("coordinator", "root-certificates")):
+            value = raw[table].get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigError(f"{path}: [{table}] {key} must be a file path (a string), got {value!r}")
+        insecure = _flag(coordinator, "insecure", False, path, "coordinator")
         root = coordinator.get("root-certificates")
         if not insecure and not root:
             raise ConfigError(f"{path}: [coordinator] needs root-certificates (the CA from the coordinator's kit) "
@@ -99,16 +109,25 @@ class SiteConfig:
             candidate = Path(value)
             return candidate if candidate.is_absolute() else (path.parent / candidate).resolve()
 
+        port_value = supernode.get("port", 9094)
         try:
-            port = int(supernode.get("port", 9094))
+            if isinstance(port_value, bool | float):
+                raise TypeError(port_value)
+            port = int(port_value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{path}: [supernode] port must be an integer") from None
+            port = -1
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"{path}: [supernode] port must be an integer between 1 and 65535, "
+                              f"got {port_value!r}")
         try:
+            if isinstance(supernode.get("poll-interval"), bool):
+                raise TypeError("a boolean is not a number of seconds")
             poll_interval = float(supernode.get("poll-interval", 0.25))
         except (TypeError, ValueError):
             poll_interval = -1.0
         max_restarts = supernode.get("max-restarts")
-        if max_restarts is not None and (not isinstance(max_restarts, int) or max_restarts < 0):
+        if max_restarts is not None and (not isinstance(max_restarts, int) or isinstance(max_restarts, bool)
+                                         or max_restarts < 0):
             raise ConfigError(f"{path}: [supernode] max-restarts must be a whole number >= 0, got {max_restarts!r}")
         if not 0.01 <= poll_interval <= 60:
             raise ConfigError(f"{path}: [supernode] poll-interval must be a number of seconds between 0.01 and 60, "
@@ -117,9 +136,9 @@ class SiteConfig:
                    address=str(coordinator["address"]), device=str(site.get("device", "auto")),
                    insecure=insecure, root_certificates=resolve(root) if root else None,
                    **_auth_keys(raw, path, insecure, resolve), port=port,
-                   warm=bool(supernode.get("warm", True)), poll_interval=poll_interval,
+                   warm=_flag(supernode, "warm", True, path, "supernode"), poll_interval=poll_interval,
                    max_restarts=max_restarts, source=path,
-                   require_secure_aggregation=bool(site.get("require-secure-aggregation", False)),
+                   require_secure_aggregation=_flag(site, "require-secure-aggregation", False, path, "site"),
                    privacy=_privacy_policy(raw, path), approved_apps=_approved_apps(raw, path))
 
     def node_config(self) -> str:
@@ -133,6 +152,14 @@ class SiteConfig:
 
             pairs["audit-log"] = str(audit_path_for(self.source))
         return " ".join(f'{k}="{v}"' for k, v in pairs.items())
+
+
+def _flag(table: dict, key: str, default: bool, path: Path, name: str) -> bool:
+    """A true/false setting; a string such as "false" is refused rather than read as True."""
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: [{name}] {key} must be true or false (no quotes), got {value!r}")
+    return value
 
 
 def _approved_apps(raw: dict, path: Path) -> frozenset[str] | None:
@@ -158,6 +185,11 @@ def _privacy_policy(raw: dict, path: Path) -> PrivacyPolicy:
     table = raw.get("privacy")
     if table is None:
         return PrivacyPolicy(ledger=default_ledger)
+    for key, value in table.items():
+        text_key = key in ("accountant", "ledger")
+        if isinstance(value, bool) or (text_key and not isinstance(value, str)) or isinstance(value, list | dict):
+            expected = "a string" if text_key else "a number"
+            raise ConfigError(f"{path}: [privacy] {key} must be {expected}, got {value!r}")
     try:
         policy = PrivacyPolicy.from_table(table, str(path), base_dir=path.parent.resolve())
     except ValueError as err:

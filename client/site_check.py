@@ -28,10 +28,10 @@ def check_site(manifest_path: Path, schema_path: Path, *, check_images: bool = T
         manifest = load_manifest(manifest_path, schema, check_images=check_images,
                                  allow_single_class=allow_single_class)
     except ConfigError as err:
-        console.print(f"[bold red]schema error:[/] {err}", highlight=False)
+        console.print(f"[bold red]schema error:[/] {err}", highlight=False, soft_wrap=True)
         return EXIT_INVALID
     except ManifestError as err:
-        console.print(f"[bold red]{len(err.issues)} problem(s)[/] in {manifest_path}:", highlight=False)
+        console.print(f"[bold red]{len(err.issues)} problem(s)[/] in {manifest_path}:", highlight=False, soft_wrap=True)
         for issue in err.issues:
             console.print(f"  - {issue}", highlight=False, soft_wrap=True)
         return EXIT_INVALID

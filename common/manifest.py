@@ -144,8 +144,15 @@ def load_manifest(
         raise ManifestError([ManifestIssue(file, "manifest file not found; expected a CSV file")])
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        header = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, header=None,
+                             nrows=1).iloc[0].astype(str).str.strip().tolist()
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
         raise ManifestError([ManifestIssue(file, f"not a readable CSV file ({err})")]) from None
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:  # pandas would silently rename the second one to "name.1" and read only the first
+        raise ManifestError([ManifestIssue(file, f"column appears {header.count(name)} times in the header; "
+                                           "expected each column once (more than once is ambiguous)",
+                                           line=1, column=name) for name in twice])
     raw.columns = [str(c).strip() for c in raw.columns]
     checker = _Checker(path, schema, raw)
     frame = checker.run(check_images=check_images, allow_single_class=allow_single_class)

@@ -19,8 +19,8 @@ def test_a_fab_copy_imports_its_own_modules(tmp_path: Path) -> None:
     fab = tmp_path / "fab"
     for folder in ("fedfusion", "common", "client", "server", "simulations"):
         shutil.copytree(REPO / folder, fab / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import fedfusion.client.app as c, fedfusion.server.app as s; "
-             "print(c.__file__); print(s.__file__)")
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); "
+             "import fedfusion.client.app as c, fedfusion.server.app as s; print(c.__file__); print(s.__file__)")
     done = subprocess.run([sys.executable, "-c", probe, str(fab)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     client_file, server_file = done.stdout.split()
