@@ -43,6 +43,16 @@ def _reply_payload(reply: Message) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, metrics
 
 
+def _round_of(msg: Message) -> int:
+    """The server round: Flower's strategies and our secure-aggregation stages put it in ``group_id``;
+    the train/evaluate config also carries ``server-round``."""
+    group = str(msg.metadata.group_id or "")
+    if group.isdigit():
+        return int(group)
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    return int(config.get("server-round", 0)) if config is not None else 0
+
+
 def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Record the reply in the site's audit log (when configured), then hand it to Flower."""
     reply = call_next(msg, context)
@@ -50,8 +60,7 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if not path:
         return reply
     tensors, metrics = _reply_payload(reply)
-    config = msg.content.config_records.get("config") if msg.has_content() else None
-    server_round = int(config.get("server-round", 0)) if config is not None else 0
+    server_round = _round_of(msg)
     site_id = str(context.node_config.get("site-id", "")) or f"node-{context.node_id}"
     epsilon = next((float(v) for k, v in metrics.items() if k.endswith("/epsilon")
                     and isinstance(v, int | float)), None)

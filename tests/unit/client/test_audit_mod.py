@@ -57,10 +57,12 @@ def test_a_train_reply_is_recorded_with_shapes_norms_and_hash_not_values(tmp_pat
 
 def test_every_message_type_passes_through_the_mod(tmp_path: Path) -> None:
     log = tmp_path / "audit.jsonl"
-    for message_type in ("evaluate", "query.secagg_masked_input"):
-        audit_mod(_incoming(message_type), _context({"audit-log": str(log), "site-id": "A"}),
-                  lambda m, c: _reply_to(m))
-    assert [r["message_type"] for r in iter_records(log)] == ["evaluate", "query.secagg_masked_input"]
+    audit_mod(_incoming("evaluate"), _context({"audit-log": str(log), "site-id": "A"}), lambda m, c: _reply_to(m))
+    # Secure-aggregation stages carry no train config: the round comes from the message's group id.
+    stage = Message(RecordDict(), dst_node_id=7, message_type="train.secagg_masked_input", group_id="5")
+    audit_mod(stage, _context({"audit-log": str(log), "site-id": "A"}), lambda m, c: _reply_to(m))
+    assert [(r["message_type"], r["round"]) for r in iter_records(log)] == [
+        ("evaluate", 4), ("train.secagg_masked_input", 5)]
 
 
 def test_without_an_audit_log_the_reply_is_untouched(tmp_path: Path) -> None:
