@@ -31,8 +31,11 @@ def test_each_task_runs_flowers_clientapp_in_a_forked_child(tmp_path: Path, monk
     seen = tmp_path / "seen"
 
     def fake_run_clientapp(**kwargs: object) -> None:
-        # Runs in the child: prove it got the task's token and is not the test process.
-        seen.with_suffix(f".{kwargs['token']}").write_text(f"{os.getpid()} {os.getppid()}")
+        # Runs in the child: prove it got the task's token and is not the test process, and that
+        # Flower's object pull retries fast (objects arrive while the SuperNode still stores them).
+        pull = flower_module.pull_and_inflate_object_from_tree
+        backoff = getattr(pull, "keywords", {}).get("initial_backoff")
+        seen.with_suffix(f".{kwargs['token']}").write_text(f"{os.getpid()} {os.getppid()} {backoff}")
         raise SystemExit(0)
 
     import flwr.supernode.runtime.run_clientapp as flower_module
@@ -44,8 +47,9 @@ def test_each_task_runs_flowers_clientapp_in_a_forked_child(tmp_path: Path, monk
     _reap_all(executor)
     assert executor._children == set()
     for token in ("a", "b"):
-        child, parent = map(int, seen.with_suffix(f".{token}").read_text().split())
-        assert parent == os.getpid() and child != os.getpid()
+        child, parent, backoff = seen.with_suffix(f".{token}").read_text().split()
+        assert int(parent) == os.getpid() and int(child) != os.getpid()
+        assert float(backoff) == warm_executor.OBJECT_PULL_INITIAL_BACKOFF_S
 
 
 def test_only_clientapp_tasks_are_accepted() -> None:
