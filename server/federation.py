@@ -59,6 +59,10 @@ class FederationResult:
     ended_early: str = ""
 
 
+class RoundFailed(RuntimeError):
+    """A round in which no site returned a usable update; the run stops before checkpointing it."""
+
+
 COUNT_KEYS = ("n", "events")
 #: Reported as the largest value over sites: the most privacy any site has spent.
 MAX_KEYS = (EPSILON_KEY,)
@@ -188,6 +192,14 @@ def run_federation(grid: Grid, cfg: FederationConfig,
                                      else strategy.aggregate_train(server_round, replies))
         if new_arrays is not None:
             arrays = new_arrays
+        elif secure is None and not refused:
+            # Every site failed (crashed, refused the app bundle, sent an unusable update): recording this
+            # round as done would lose it silently. Stop before its checkpoint, so --resume retries it.
+            raise RoundFailed(
+                f"round {server_round}: no site returned a usable update ({len(replies)} replies, "
+                f"{sum(1 for r in strategy.rejected if r.get('round') == server_round)} rejected); the global "
+                f"model is unchanged and the last checkpoint is round {server_round - 1}. Check the sites' logs "
+                "(e.g. an app bundle they have not approved), then `fedfusion run ... --resume`")
         else:
             log.warning("round %d: no usable update; the global model is unchanged", server_round)
         trained = [m for m in strategy.site_metrics if m["round"] == server_round and m["phase"] == "train"]

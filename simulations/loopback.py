@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -44,7 +44,16 @@ class LoopbackDeployment:
     """``with LoopbackDeployment(folder, schema, {site: manifest}) as dep: dep.run(rounds=2)``."""
 
     def __init__(self, folder: Path, schema: Path, site_manifests: Mapping[str, Path], device: str = "cpu",
-                 warm: bool = True, secure: bool = True, approved_apps: Sequence[str] | None = None):
+                 warm: bool = True, secure: bool = True, approved_apps: Sequence[str] | None = None,
+                 host: str = "127.0.0.1", bind: str = "127.0.0.1",
+                 prefix: Callable[[str], Sequence[str]] | None = None, site_extra: str = ""):
+        """``host``: the address sites connect to (and the kit's certificate names); ``bind``: the
+        coordinator's ``--host``; ``prefix(name)``: a command prefix for process ``name``
+        ("coordinator", "site-ID", "run", "tool"), e.g. ``["ip", "netns", "exec", NS]`` to run it on
+        another (namespaced) host; ``site_extra``: TOML appended to every site.toml (``{site}`` is
+        replaced by the site id). With a prefix, nothing is checked from this host's network: the
+        coordinator is ready once it logged its site registrations (``secure`` only)."""
+        self.host, self.bind, self.prefix, self.site_extra = host, bind, prefix, site_extra
         self.folder = folder
         self.approved_apps = approved_apps  # None: no [approval] table at the sites
         self.warm = warm
@@ -57,25 +66,37 @@ class LoopbackDeployment:
         self.state_dir = folder / "coordinator"
         self._procs: list[subprocess.Popen] = []
         self.sites: dict[str, subprocess.Popen] = {}  # site id -> its `fedfusion site start` process
+        self.coordinator: subprocess.Popen | None = None
+
+    def _prefixed(self, name: str, args: Sequence[str]) -> list[str]:
+        return [*(self.prefix(name) if self.prefix else ()), *args]
 
     def _start(self, name: str, args: list[str]) -> None:
         log = (self.folder / f"{name}.log").open("w")
-        self._procs.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        self._procs.append(subprocess.Popen(self._prefixed(name.split(".")[0], args), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start_coordinator(self, log_name: str = "coordinator") -> subprocess.Popen:
+        """``fedfusion coordinator start`` on ``self.state_dir`` (again, after a stop: same database);
+        returns once it listens (and, secured, registered every site key); log in LOG_NAME.log."""
+        transport = ["--kit", str(self.kits / "coordinator")] if self.secure else ["--insecure"]
+        self._start(log_name, [FEDFUSION, "coordinator", "start", "--state-dir", str(self.state_dir),
+                               "--host", self.bind, "--port", str(self.port), *transport])
+        self.coordinator = self._procs[-1]
+        if self.prefix is None:
+            wait_for_port(self.port)
+        if self.secure:  # a site connecting before its key is registered would be refused
+            self._wait_for_log(log_name, [f"site {s}: " for s in self.site_manifests])
+        return self.coordinator
 
     def __enter__(self) -> LoopbackDeployment:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            transport = ["--insecure"]
             if self.secure:
                 from fedfusion.server.provision import provision
 
-                provision(self.kits, list(self.site_manifests), ["127.0.0.1"], port=self.port)
-                transport = ["--kit", str(self.kits / "coordinator")]
-            self._start("coordinator", [FEDFUSION, "coordinator", "start", "--state-dir", str(self.state_dir),
-                                        "--port", str(self.port), *transport])
-            wait_for_port(self.port)
-            if self.secure:  # a site connecting before its key is registered would be refused
-                self._wait_for_log("coordinator", [f"site {s}: " for s in self.site_manifests])
+                provision(self.kits, list(self.site_manifests), [self.host], port=self.port)
+            self.start_coordinator()
             for site, manifest in self.site_manifests.items():
                 self.start_site(site, manifest)
         except BaseException:
@@ -107,11 +128,12 @@ class LoopbackDeployment:
         config = self.folder / f"{site}.toml"
         config.write_text(
             f'[site]\nid = "{site}"\nmanifest = "{manifest}"\nschema = "{self.schema}"\ndevice = "{self.device}"\n'
-            f'[coordinator]\naddress = "127.0.0.1:{self.port}"\n{transport}'
+            f'[coordinator]\naddress = "{self.host}:{self.port}"\n{transport}'
             f"[supernode]\nport = {free_port()}\nwarm = {str(self.warm if warm is None else warm).lower()}\n"
             + ("" if max_restarts is None else f"max-restarts = {max_restarts}\n")
             + ("" if self.approved_apps is None or warm is False else
-               "[approval]\napps = [" + ", ".join(f'"{h}"' for h in self.approved_apps) + "]\n"))
+               "[approval]\napps = [" + ", ".join(f'"{h}"' for h in self.approved_apps) + "]\n")
+            + self.site_extra.replace("{site}", site))
         return config
 
     def start_site(self, site: str, manifest: Path, **config: Any) -> subprocess.Popen:
@@ -120,14 +142,27 @@ class LoopbackDeployment:
         self.sites[site] = self._procs[-1]
         return self.sites[site]
 
-    def run(self, run_dir: Path, rounds: int, settings: Mapping[str, Any] | None = None,
-            timeout: float = 1800) -> subprocess.CompletedProcess:
-        """``fedfusion run`` with every site required; returns the finished process (check returncode)."""
+    def run_command(self, run_dir: Path, rounds: int, settings: Mapping[str, Any] | None = None,
+                    min_sites: int | None = None, resume: bool = False) -> list[str]:
+        """The ``fedfusion run`` command line (with ``prefix("run")``); ``min_sites``: default every site."""
         extra: Sequence[str] = [arg for k, v in (settings or {}).items() for arg in ("--set", f"{k}={v}")]
-        return subprocess.run([FEDFUSION, "run", "--state-dir", str(self.state_dir), "--schema", str(self.schema),
-                               "--run-dir", str(run_dir), "--rounds", str(rounds),
-                               "--min-sites", str(len(self.site_manifests)), *extra],
+        return self._prefixed("run", [
+            FEDFUSION, "run", "--state-dir", str(self.state_dir), "--schema", str(self.schema), "--run-dir",
+            str(run_dir), "--rounds", str(rounds),
+            "--min-sites", str(len(self.site_manifests) if min_sites is None else min_sites),
+            *(["--resume"] if resume else []), *extra])
+
+    def run(self, run_dir: Path, rounds: int, settings: Mapping[str, Any] | None = None,
+            timeout: float = 1800, min_sites: int | None = None, resume: bool = False) -> subprocess.CompletedProcess:
+        """``fedfusion run`` with every site required; returns the finished process (check returncode)."""
+        return subprocess.run(self.run_command(run_dir, rounds, settings, min_sites, resume),
                               capture_output=True, text=True, timeout=timeout)
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 30) -> int:
+        """Signal ``proc``'s whole process group (a crash with SIGKILL) and reap it."""
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+        return proc.wait(timeout=timeout)
 
     def logs(self, tail: int = 2000) -> dict[str, str]:
         return {p.name: p.read_text()[-tail:] for p in self.folder.glob("*.log")}
