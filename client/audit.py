@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from fedfusion.common.config import ConfigError
+from fedfusion.common.results import fsync_dir
 
 FORMAT_VERSION = 1
 DEFAULT_FILENAME = "audit.jsonl"
@@ -224,24 +225,12 @@ class AuditLog:
         finally:
             os.close(fd)
         if created:
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def records(self) -> Iterator[dict[str, Any]]:
         return iter_records(self.path)
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a newly created file's directory entry durable too (POSIX; a no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -39,6 +39,7 @@ from typing import Any
 
 from fedfusion.common.privacy import calibrate_noise, epsilon_of
 from fedfusion.common.privacy_policy import BudgetExceeded, PrivacyError, PrivacyTerms
+from fedfusion.common.results import fsync_dir
 
 FORMAT = 1
 
@@ -220,7 +221,7 @@ class PrivacyLedger:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -241,18 +242,6 @@ def _history(data: Mapping[str, Any], study: str) -> list[tuple[float, float, in
     return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def status_rows(ledger: PrivacyLedger, max_epsilon: float, delta: float) -> list[dict[str, Any]]:

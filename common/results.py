@@ -42,3 +42,20 @@ def markdown_table(rows: Sequence[dict[str, Any]], digits: int = 4) -> str:
     head = "| " + " | ".join(keys) + " |\n|" + "---|" * len(keys)
     body = "\n".join("| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows)
     return head + "\n" + body
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a file's creation or rename in ``folder`` durable too (POSIX); a no-op where folders cannot be
+    opened. The privacy ledger and the audit log rely on it: a power cut must not undo what they recorded."""
+    import os
+
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
