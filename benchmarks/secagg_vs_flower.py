@@ -1,0 +1,208 @@
+"""fedfusion's secure aggregation against Flower's built-in SecAgg+, same vector, same sites, one run.
+
+No training and no Ray: every site's "training" adds small random noise to the global vector (a
+plain float32 vector of N parameters split into five arrays), so a round's cost is the protocol's.
+Both sides run in process over the same loopback Grid (``tests/secagg_fakes.py``), which
+serialises every message, reply and site state through Flower's protobuf serde:
+
+* ours: the real ClientApp stage handlers (``make_app`` wiring) and the server's plain round
+  (``configure_train`` -> ``send_and_collect`` -> ``aggregate_train``) or ``run_secure_round``;
+* Flower: legacy ``DefaultWorkflow`` with its default fit workflow (FedAvg) or
+  ``SecAggPlusWorkflow``; sites are a NumPyClient behind ``secaggplus_mod``. Round time is from the
+  strategy's ``configure_fit`` to the end of its ``aggregate_fit``.
+
+Bytes: serialised size (``recorddict_to_proto``) of everything one site sends in our secure round
+(keys, share bundles, masked vector, unmask shares) / the raw float32 update (4 N bytes).
+
+    python benchmarks/secagg_vs_flower.py                          # 3 and 10 sites, 1M and 10M
+    python benchmarks/secagg_vs_flower.py --sites 3 10 50 --params 1e6 --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common.serde import recorddict_to_proto  # noqa: E402
+from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+
+from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation  # noqa: E402
+from fedfusion.common.federation_config import FederationConfig  # noqa: E402
+from fedfusion.common.records import (  # noqa: E402
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SITE_KEY,
+    arrays_to_numpy,
+    modality_count_key,
+    numpy_to_arrays,
+)
+from fedfusion.server.messaging import send_and_collect  # noqa: E402
+from fedfusion.server.secure_aggregation import run_secure_round  # noqa: E402
+from fedfusion.server.strategy import build_strategy  # noqa: E402
+from tests.secagg_fakes import MODALITIES, LoopbackGrid  # noqa: E402
+
+NOISE = 0.01
+RUN = {"secure-aggregation": True, "secagg-clip": 1.0, "secagg-bits": 32, "secagg-weight-bound": 10_000.0,
+       "secagg-timeout": 600.0, "round-timeout": 600.0, "min-sites": 1}
+GROUPS = {"image.w": "image", "omics.w": "omics", "clinical.w": "clinical", "fusion.w": "fusion", "head.w": "head"}
+
+
+def model(params: int) -> dict[str, np.ndarray]:
+    fractions = (0.4, 0.25, 0.15, 0.15)
+    sizes = [int(params * f) for f in fractions]
+    sizes.append(params - sum(sizes))
+    rng = np.random.default_rng(0)
+    return {name: (rng.normal(size=size) * 0.1).astype(np.float32) for name, size in zip(GROUPS, sizes, strict=True)}
+
+
+class Grid(LoopbackGrid):
+    """The loopback Grid plus what Flower's legacy workflows call (``send_and_receive``, ``run``)."""
+
+    class _Run:
+        run_id = 1
+
+    run = _Run()
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(list(messages)))
+
+
+# ----------------------------------------------------------------------------------------------- ours
+def our_app(node_ids: list[int], run_config: dict[str, Any]) -> ClientApp:
+    rngs = {n: np.random.default_rng(n) for n in node_ids}
+
+    def train(msg: Message, context: Context) -> Message:
+        node = int(msg.metadata.dst_node_id)
+        rng = rngs[node]
+        current = arrays_to_numpy(msg.content[ARRAYS_KEY])
+        new = {k: v + (rng.standard_normal(v.size, dtype=np.float32) * NOISE) for k, v in current.items()}
+        counts = {NUM_EXAMPLES: 100.0 + node, **{modality_count_key(m): 100.0 + node for m in MODALITIES}}
+        return Message(RecordDict({ARRAYS_KEY: numpy_to_arrays(new), METRICS_KEY: MetricRecord(counts),
+                                   SITE_KEY: ConfigRecord({"site-id": f"site{node}"})}), reply_to=msg)
+
+    app = ClientApp()
+
+    def config_fn(context: Context) -> tuple[FederationConfig, dict[str, Any]]:
+        flat = {**run_config, **dict(context.run_config)}
+        return FederationConfig.from_run_config(flat), flat
+
+    app.train(mods=[refuse_unmasked_update(config_fn)])(train)
+    register_secure_aggregation(app, train, config_fn)
+    return app
+
+
+def ours(params: int, sites: int, secure: bool) -> tuple[float, float]:
+    """(round seconds, bytes one site sent / float32 update bytes)."""
+    nodes = list(range(1, sites + 1))
+    run_config = {**RUN, "secure-aggregation": secure}
+    grid = Grid(our_app(nodes, run_config), nodes)
+    strategy = build_strategy("fedavg", GROUPS, min_sites=1, fraction_evaluate=0.0)
+    cfg = FederationConfig.from_run_config(run_config)
+    arrays = numpy_to_arrays(model(params))
+    began = time.perf_counter()
+    if secure:
+        outcome = run_secure_round(grid, strategy, 1, arrays, cfg)
+        assert outcome.failure == "" and outcome.arrays is not None, outcome.failure
+    else:
+        replies = send_and_collect(grid, strategy.configure_train(1, arrays, ConfigRecord(), grid),
+                                   timeout=cfg.round_timeout)
+        new, _ = strategy.aggregate_train(1, replies)
+        assert new is not None
+    seconds = time.perf_counter() - began
+    sent = sum(len(recorddict_to_proto(m.content).SerializeToString())
+               for m in grid.received if int(m.metadata.src_node_id) == nodes[0])
+    return seconds, sent / (4 * params)
+
+
+# ----------------------------------------------------------------------------------------- Flower's
+def flower(params: int, sites: int, secure: bool) -> float:
+    from flwr.client import NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import ServerConfig
+    from flwr.server.compat import LegacyContext
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    class Noisy(NumPyClient):
+        def __init__(self, node: int) -> None:
+            self.rng = np.random.default_rng(node)
+
+        def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list[np.ndarray], int, dict]:
+            return [p + self.rng.standard_normal(p.size, dtype=np.float32) * NOISE for p in parameters], 100, {}
+
+    app = ClientApp(client_fn=lambda context: Noisy(context.node_id).to_client(),
+                    mods=[secaggplus_mod] if secure else [])
+    times: dict[str, float] = {}
+
+    class Timed(FedAvg):
+        def configure_fit(self, *args: Any, **kwargs: Any) -> Any:
+            times["start"] = time.perf_counter()
+            return super().configure_fit(*args, **kwargs)
+
+        def aggregate_fit(self, *args: Any, **kwargs: Any) -> Any:
+            result = super().aggregate_fit(*args, **kwargs)
+            times["end"] = time.perf_counter()
+            return result
+
+    nodes = list(range(1, sites + 1))
+    grid = Grid(app, nodes)
+    strategy = Timed(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=sites, min_available_clients=sites,
+                     initial_parameters=ndarrays_to_parameters(list(model(params).values())))
+    context = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            config=ServerConfig(num_rounds=1), strategy=strategy)
+    if secure:
+        shares = sites if sites <= 5 else 0.4  # integer num_shares must be > 2
+        workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(num_shares=shares, reconstruction_threshold=0.5))
+    else:
+        workflow = DefaultWorkflow()
+    workflow(grid, context)
+    assert "end" in times, "Flower's fit round did not aggregate"
+    return times["end"] - times["start"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, nargs="+", default=[1e6, 1e7])
+    parser.add_argument("--sites", type=int, nargs="+", default=[3, 10])
+    parser.add_argument("--repeat", type=int, default=1, help="rounds per setting; the fastest is kept")
+    parser.add_argument("--no-flower", action="store_true")
+    args = parser.parse_args()
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # set by Flower's runtime in a process
+        setattr(TaskIdentity, attr, value)
+    header = (f"{'sites':>5} {'params':>7} {'our plain s':>11} {'our secure s':>12} {'ours sec/pl':>11} "
+              f"{'Fl plain s':>10} {'Fl SecAgg+ s':>12} {'Fl sec/pl':>9} {'ours/Fl sec':>11} {'bytes/fp32':>10}")
+    rows = []
+    for params in (int(p) for p in args.params):
+        for sites in args.sites:
+            plain = min(ours(params, sites, False)[0] for _ in range(args.repeat))
+            runs = [ours(params, sites, True) for _ in range(args.repeat)]
+            secure, ratio_bytes = min(r[0] for r in runs), runs[0][1]
+            fp = fs = math.nan
+            if not args.no_flower:
+                fp = min(flower(params, sites, False) for _ in range(args.repeat))
+                fs = min(flower(params, sites, True) for _ in range(args.repeat))
+            row = (f"{sites:>5} {params:>7.0e} {plain:>11.2f} {secure:>12.2f} {secure / plain:>11.2f} {fp:>10.2f} "
+                   f"{fs:>12.2f} {fs / fp:>9.2f} {secure / fs:>11.2f} {ratio_bytes:>10.3f}")
+            rows.append(row)
+            print(row, flush=True)
+    print(f"\nseconds per round (fastest of {args.repeat}), in process over a serialising loopback Grid, no Ray")
+    print(header)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
