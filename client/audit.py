@@ -45,7 +45,6 @@ import json
 import math
 import os
 import sys
-import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -54,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from fedfusion.common.config import ConfigError
+from fedfusion.common.config import ConfigError, read_site_toml
 from fedfusion.common.results import fsync_dir
 
 FORMAT_VERSION = 1
@@ -78,12 +77,7 @@ def audit_path_for(site_config_path: str | Path) -> Path:
     disagree about where the log is.
     """
     path = Path(site_config_path)
-    if not path.is_file():
-        raise ConfigError(f"site config not found: {path}")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    raw = read_site_toml(path)
     site = raw.get("site", {})
     value = site.get("audit-log") if isinstance(site, dict) else None
     if value is None:

@@ -42,14 +42,13 @@ default (Flower's own reconnect), so an outage at the coordinator needs no actio
 from __future__ import annotations
 
 import sys
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedfusion.client.approval import normalise_hashes
 from fedfusion.client.site_check import EXIT_INVALID, check_site
-from fedfusion.common.config import ConfigError
+from fedfusion.common.config import ConfigError, read_site_toml
 from fedfusion.common.flower_tools import tool_env
 from fedfusion.common.privacy_policy import LEDGER_FILENAME, PrivacyPolicy
 
@@ -77,15 +76,7 @@ class SiteConfig:
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"site config not found: {path}")
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); "
-                              "expected a TOML site config") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        raw = read_site_toml(path)
         for name in ("site", "coordinator", "supernode", "privacy", "approval"):
             if name in raw and not isinstance(raw[name], dict):
                 raise ConfigError(f"{path}: [{name}] must be a table, got {name} = {raw[name]!r}")

@@ -239,6 +239,26 @@ class Schema:
             raise ConfigError(f"{source}: malformed schema ({type(err).__name__}: {err})") from None
 
 
+def read_site_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a site.toml; a missing file, non-UTF-8 bytes or bad TOML is a :class:`ConfigError` naming it.
+
+    The one reader for every command that opens a site config (``site start``, ``site audit``), so
+    they fail the same way on the same bad file.
+    """
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"site config not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}); "
+                          "expected a TOML site config") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+
+
 def load_schema(path: str | Path) -> Schema:
     """Read a schema JSON file; every problem is a :class:`ConfigError` naming the file."""
     path = Path(path)

@@ -41,24 +41,29 @@ _ENCODER = "encoder."
 _HEADS = ("fc.", "head.", "classifier.", "head_drop.")  # classification layers a backbone does not have
 
 
+def conv_gn_stages(conv: type[nn.Module], in_chans: int, widths: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    """Conv (3, stride 2 after the first) + GroupNorm + ReLU per width, for 2D or 3D ``conv``.
+
+    GroupNorm, not BatchNorm: per-sample statistics work under Opacus and average cleanly in FedAvg.
+    Returns the stages and their output channels; stage ``i`` starts at ``features.{3 * i}``.
+    """
+    layers: list[nn.Module] = []
+    channels = in_chans
+    for i, width in enumerate(widths):
+        layers += [conv(channels, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                   nn.GroupNorm(num_groups(width), width), nn.ReLU()]
+        channels = width
+    return nn.Sequential(*layers), channels
+
+
 class SmallCNN(nn.Module):
     """Four 3x3 conv + GroupNorm + ReLU stages (widths 16-32-64-128, stride 2 after the first) and
     global average pooling: ~100k parameters, the fast CPU default for 64x64 grey images."""
 
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_chans
-        for i, width in enumerate(widths):
-            layers += [
-                nn.Conv2d(channels, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                nn.GroupNorm(num_groups(width), width),
-                nn.ReLU(),
-            ]
-            channels = width
-        self.features = nn.Sequential(*layers)
+        self.features, self.num_features = conv_gn_stages(nn.Conv2d, in_chans, widths)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.num_features = channels
         self.block_names = [f"features.{3 * i}" for i in range(len(widths))]  # one stage per conv (freezing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ...config import ImageSpec
 from ..registry import register_image_backbone
-from .surgery import num_groups
+from .image import conv_gn_stages
 
 
 class SmallCNN3D(nn.Module):
@@ -25,18 +25,8 @@ class SmallCNN3D(nn.Module):
 
     def __init__(self, in_chans: int = 1, widths: tuple[int, ...] = (8, 16, 32, 64)) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_chans
-        for i, width in enumerate(widths):
-            layers += [
-                nn.Conv3d(channels, width, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                nn.GroupNorm(num_groups(width), width),
-                nn.ReLU(),
-            ]
-            channels = width
-        self.features = nn.Sequential(*layers)
+        self.features, self.num_features = conv_gn_stages(nn.Conv3d, in_chans, widths)
         self.pool = nn.AdaptiveAvgPool3d(1)
-        self.num_features = channels
         self.block_names = [f"features.{3 * i}" for i in range(len(widths))]  # stages, for trainable-blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

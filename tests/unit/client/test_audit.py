@@ -219,3 +219,13 @@ def test_epsilon_defaults_to_the_reply_metric(tmp_path: Path) -> None:
     record = log.record_reply({}, {EPSILON_KEY: 1.25}, run_id=1, server_round=1, message_type="train")
 
     assert EPSILON_METRIC == EPSILON_KEY and record["epsilon"] == 1.25
+
+
+def test_audit_path_of_a_non_utf8_site_config_is_a_named_error(tmp_path: Path) -> None:
+    from fedfusion.client.audit import audit_path_for
+    from fedfusion.common.config import ConfigError
+
+    config = tmp_path / "site.toml"
+    config.write_bytes(b'[site]\nid = "\xff\xfe"\n')
+    with pytest.raises(ConfigError, match="site.toml: not a UTF-8 text file"):
+        audit_path_for(config)
