@@ -19,6 +19,12 @@ from typing import Any, Literal
 
 TASKS = ("classification", "survival", "both")
 MODALITIES = ("image", "clinical", "omics")
+#: Kinds of modality. A modality's name is its kind, except image sequences: ``image:<sequence>``
+#: (``image:t1``, ``image:flair``) when a schema lists several images per case (``Schema.images``).
+MODALITY_KINDS = ("image", "clinical", "omics", "visits")
+IMAGE_ENCODERS = ("separate", "shared")
+TEMPORAL_ENCODERS = ("gru", "transformer")  # the "visits" modality: common/models/encoders/temporal.py
+_SEQUENCE_SEP = ":"
 
 Task = Literal["classification", "survival", "both"]
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -27,6 +33,37 @@ LR_SCHEDULES = ("constant", "cosine", "step", "warmup_cosine")
 
 class ConfigError(ValueError):
     """A schema, model or training setting is invalid; the message names the setting and the file."""
+
+
+def modality_kind(name: str) -> str:
+    """The kind of a modality name: ``"image:t1"`` -> ``"image"``, ``"clinical"`` -> ``"clinical"``.
+
+    Raises ``ValueError`` for a name that is no modality, so a typo is never silently a new group.
+    """
+    if not is_modality(name):
+        raise ValueError(f"'{name}' is not a modality name; expected one of {MODALITY_KINDS} or "
+                         f"'image{_SEQUENCE_SEP}<sequence>'")
+    return name.split(_SEQUENCE_SEP, 1)[0]
+
+
+def is_modality(name: str) -> bool:
+    """Is ``name`` a modality (a kind, or ``image:<sequence>``)? Replaces ``name in MODALITIES``.
+
+    Sequence names may not contain "." (they become parts of parameter names) nor another ":".
+    """
+    if name in MODALITY_KINDS:
+        return True
+    kind, sep, sequence = name.partition(_SEQUENCE_SEP)
+    return kind == "image" and bool(sep) and _valid_sequence(sequence)
+
+
+def image_modality(sequence: str) -> str:
+    """Modality name of an image sequence: ``"t1"`` -> ``"image:t1"``."""
+    return f"image{_SEQUENCE_SEP}{sequence}"
+
+
+def _valid_sequence(sequence: str) -> bool:
+    return bool(sequence) and "." not in sequence and _SEQUENCE_SEP not in sequence and sequence.strip() == sequence
 
 
 @dataclass(frozen=True)
@@ -56,11 +93,27 @@ class ImageSpec:
     size: tuple[int, int] = (64, 64)
     channels: int = 1
     depth: int = 0
+    #: Sequence name when the spec is one of ``Schema.images`` (``"t1"`` -> modality ``image:t1``).
+    name: str = ""
 
     @property
     def shape(self) -> tuple[int, ...]:
         """Per-case tensor shape: ``(C, H, W)``, or ``(C, D, H, W)`` for volumes."""
         return (self.channels, *((self.depth,) if self.depth else ()), *self.size)
+
+
+@dataclass(frozen=True)
+class VisitSpec:
+    """Longitudinal input, the ``visits`` modality (common/longitudinal.py): the manifest is long format.
+
+    Each manifest row is one visit; ``time_column`` holds its time (same unit and origin as the
+    survival time), ``columns`` the per-visit numeric values. ``max_visits`` is how many of a case's
+    most recent visits are kept: it fixes the (cases, max_visits, ...) tensor every site builds.
+    """
+
+    time_column: str = "visit_time"
+    columns: tuple[str, ...] = ()
+    max_visits: int = 8
 
 
 @dataclass(frozen=True)
@@ -82,8 +135,13 @@ class Schema:
     clinical: tuple[ClinicalColumn, ...] = ()
     omics: tuple[str, ...] = ()
     image: ImageSpec | None = None
+    #: Several images per case (MRI sequences), each its own modality ``image:<name>``; exclusive with
+    #: ``image``. Order = modality order.
+    images: tuple[ImageSpec, ...] = ()
     site_column: str | None = None
     description: str = ""
+    #: Longitudinal visits (long-format manifest), the ``visits`` modality; None = one row per case.
+    visits: VisitSpec | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -108,13 +166,28 @@ class Schema:
                 raise ConfigError(
                     f"schema '{self.name}': categorical column '{col.name}' needs a list of categories"
                 )
-        if self.image is not None and self.image.channels not in (1, 3):
-            raise ConfigError(f"schema '{self.name}': image channels must be 1 or 3, got {self.image.channels}")
-        if self.image is not None and self.image.depth < 0:
-            raise ConfigError(f"schema '{self.name}': image depth must be >= 0 (0 = 2-D), got {self.image.depth}")
-        if self.image is not None and min(self.image.size) < 1:
-            raise ConfigError(f"schema '{self.name}': image size must be positive [height, width], "
-                              f"got {list(self.image.size)}")
+        if self.image is not None and self.images:
+            raise ConfigError(f"schema '{self.name}': give either 'image' (one image per case) or 'images' "
+                              "(several sequences per case), not both")
+        seq_names = [spec.name for spec in self.images]
+        for seq in seq_names:
+            if not _valid_sequence(seq):
+                raise ConfigError(f"schema '{self.name}': image sequence name {seq!r} must be non-empty without "
+                                  "'.', ':' or surrounding spaces (e.g. \"t1\", \"flair\")")
+        for what, values in (("image sequence names", seq_names),
+                             ("image columns", [spec.column for spec in self.images])):
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:
+                raise ConfigError(f"schema '{self.name}': {what} listed twice: {twice}")
+        for modality, spec in self.image_specs.items():
+            what = "image" if modality == "image" else f"image sequence '{spec.name}'"
+            if spec.channels not in (1, 3):
+                raise ConfigError(f"schema '{self.name}': {what} channels must be 1 or 3, got {spec.channels}")
+            if spec.depth < 0:
+                raise ConfigError(f"schema '{self.name}': {what} depth must be >= 0 (0 = 2-D), got {spec.depth}")
+            if min(spec.size) < 1:
+                raise ConfigError(f"schema '{self.name}': {what} size must be positive [height, width], "
+                                  f"got {list(spec.size)}")
         for what, values in (("classes", self.classes), ("omics", self.omics)):
             twice = sorted({v for v in values if values.count(v) > 1})
             if twice:
@@ -122,12 +195,38 @@ class Schema:
         overlap = sorted(set(names) & set(self.omics))
         if overlap:
             raise ConfigError(f"schema '{self.name}': columns {overlap} are both clinical and omics")
+        if self.visits is not None:
+            self._check_visits(self.visits, set(names) | set(self.omics))
+
+    def _check_visits(self, spec: VisitSpec, case_level: set[str]) -> None:
+        if not spec.columns:
+            raise ConfigError(f"schema '{self.name}': visits.columns must list at least one per-visit column")
+        if spec.max_visits < 1:
+            raise ConfigError(f"schema '{self.name}': visits.max_visits must be >= 1, got {spec.max_visits}")
+        listed = [spec.time_column, *spec.columns]
+        twice = sorted({c for c in listed if listed.count(c) > 1})
+        if twice:
+            raise ConfigError(f"schema '{self.name}': visits columns listed twice (or equal to the time column): "
+                              f"{twice}")
+        reserved = {"case_id", "site", "split", "omics", self.label_column, self.time_column, self.event_column}
+        reserved |= {spec_.column for spec_ in self.image_specs.values()}
+        clash = sorted(set(listed) & (case_level | reserved))
+        if clash:
+            raise ConfigError(f"schema '{self.name}': columns {clash} are both clinical and per-visit (or reserved); "
+                              "a per-visit column must be its own manifest column")
+
+    @property
+    def image_specs(self) -> dict[str, ImageSpec]:
+        """Image modality name -> its spec, in modality order: ``{"image": ...}`` or ``{"image:t1": ...}``."""
+        if self.image is not None:
+            return {"image": self.image}
+        return {image_modality(spec.name): spec for spec in self.images}
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """Modalities present in this federation, always in :data:`MODALITIES` order."""
-        present = {"image": self.image is not None, "clinical": bool(self.clinical), "omics": bool(self.omics)}
-        return tuple(m for m in MODALITIES if present[m])
+        """Modalities present in this federation: image modalities in schema order, then clinical, omics."""
+        present = {"clinical": bool(self.clinical), "omics": bool(self.omics), "visits": self.visits is not None}
+        return (*self.image_specs, *(m for m in ("clinical", "omics", "visits") if present[m]))
 
     @property
     def has_classification(self) -> bool:
@@ -164,6 +263,8 @@ class Schema:
             clinical=self.clinical if "clinical" in keep else (),
             omics=self.omics if "omics" in keep else (),
             image=self.image if "image" in keep else None,
+            images=tuple(s for s in self.images if image_modality(s.name) in keep),
+            visits=self.visits if "visits" in keep else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,9 +276,16 @@ class Schema:
         out["classes"] = list(self.classes)
         out["omics"] = list(self.omics)
         if self.image is not None:
-            out["image"] = {"column": self.image.column, "size": list(self.image.size), "channels": self.image.channels}
-            if self.image.depth:
-                out["image"]["depth"] = self.image.depth
+            out["image"] = _image_to_dict(self.image)
+        if self.images:
+            out["images"] = [{"name": spec.name, **_image_to_dict(spec)} for spec in self.images]
+        else:
+            out.pop("images", None)
+        if self.visits is None:
+            out.pop("visits", None)  # schemas without visits keep their exact JSON
+        else:
+            out["visits"] = {"time_column": self.visits.time_column, "columns": list(self.visits.columns),
+                             "max_visits": self.visits.max_visits}
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -199,6 +307,13 @@ class Schema:
         if raw.get("image") is not None and not isinstance(raw["image"], dict):
             raise ConfigError(f"{source}: 'image' must be a JSON object such as {{\"size\": [64, 64]}}, "
                               f"got {raw['image']!r}")
+        images_raw = raw.get("images") or []
+        if not isinstance(images_raw, list) or not all(isinstance(i, dict) for i in images_raw):
+            raise ConfigError(f"{source}: 'images' must be a JSON list of objects such as "
+                              f"[{{\"name\": \"t1\", \"column\": \"image_t1\"}}], got {raw['images']!r}")
+        for i, entry in enumerate(images_raw):
+            if "name" not in entry:
+                raise ConfigError(f"{source}: images[{i}] needs a 'name' (the sequence, e.g. \"t1\")")
         try:
             clinical = tuple(
                 ClinicalColumn(
@@ -209,17 +324,12 @@ class Schema:
                 for c in raw.get("clinical", ())
             )
             image_raw = raw.get("image")
-            image = None
-            if image_raw is not None:
-                size = tuple(int(s) for s in image_raw.get("size", (64, 64)))
-                if len(size) != 2:
-                    raise ConfigError(f"{source}: image.size must be [height, width], got {list(size)}")
-                image = ImageSpec(
-                    column=str(image_raw.get("column", "image")),
-                    size=(size[0], size[1]),
-                    channels=int(image_raw.get("channels", 1)),
-                    depth=int(image_raw.get("depth", 0)),
-                )
+            image = None if image_raw is None else _image_from_dict(image_raw, "image", "image")
+            images = tuple(
+                _image_from_dict(entry, f"images[{i}]", f"image_{entry['name']}", name=str(entry["name"]))
+                for i, entry in enumerate(images_raw)
+            )
+            visits = _visits_from_dict(raw.get("visits"))
             return cls(
                 name=str(raw["name"]),
                 task=raw["task"],
@@ -230,13 +340,53 @@ class Schema:
                 clinical=clinical,
                 omics=tuple(str(v) for v in raw.get("omics", ())),
                 image=image,
+                images=images,
                 site_column=raw.get("site_column"),
                 description=str(raw.get("description", "")),
+                visits=visits,
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{source}: malformed schema ({type(err).__name__}: {err})") from None
+
+
+def _image_to_dict(spec: ImageSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"column": spec.column, "size": list(spec.size), "channels": spec.channels}
+    if spec.depth:
+        out["depth"] = spec.depth
+    return out
+
+
+def _image_from_dict(raw: dict[str, Any], where: str, default_column: str, name: str = "") -> ImageSpec:
+    """One image spec from JSON; ``where`` names it in errors (``image``, ``images[1]``)."""
+    size = tuple(int(s) for s in raw.get("size", (64, 64)))
+    if len(size) != 2:
+        raise ConfigError(f"{where}.size must be [height, width], got {list(size)}")
+    return ImageSpec(
+        column=str(raw.get("column", default_column)),
+        size=(size[0], size[1]),
+        channels=int(raw.get("channels", 1)),
+        depth=int(raw.get("depth", 0)),
+        name=name,
+    )
+
+
+def _visits_from_dict(raw: Any) -> VisitSpec | None:
+    """The schema's ``"visits"`` object, e.g. ``{"time_column": "visit_time", "columns": ["ef"], "max_visits": 8}``."""
+    if raw is None:
+        return None
+    example = '{"time_column": "visit_time", "columns": ["grad", "ef"], "max_visits": 8}'
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'visits' must be a JSON object such as {example}, got {raw!r}")
+    unknown = sorted(set(raw) - {f.name for f in fields(VisitSpec)})
+    if unknown:
+        raise ConfigError(f"unknown keys {unknown} in 'visits'; expected some of time_column, columns, max_visits")
+    if not isinstance(raw.get("columns", []), list):
+        raise ConfigError(f"'visits.columns' must be a JSON list, got {raw['columns']!r}")
+    return VisitSpec(time_column=str(raw.get("time_column", "visit_time")),
+                     columns=tuple(str(c) for c in raw.get("columns", ())),
+                     max_visits=int(raw.get("max_visits", 8)))
 
 
 def read_site_toml(path: str | Path) -> dict[str, Any]:
@@ -301,10 +451,25 @@ class ModelConfig:
     pretrained_min_fraction: float = 1.0
     freeze_backbone: bool = False
     trainable_blocks: int = 0
+    # Multi-sequence schemas (``Schema.images``): "separate" = one encoder per sequence (parameter
+    # group ``image:<seq>``, averaged over the sites that have that sequence); "shared" = one encoder
+    # for all sequences plus a learned sequence embedding (group ``image``). Ignored for one image.
+    image_encoders: str = "separate"
+    # Longitudinal visits (schema "visits"): "gru" or "transformer"; layers/heads are the transformer's.
+    temporal_encoder: str = "gru"
+    temporal_layers: int = 1
+    temporal_heads: int = 2
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1 or self.hidden_dim < 1:
             raise ConfigError("model: embed-dim and hidden-dim must be positive")
+        if self.image_encoders not in IMAGE_ENCODERS:
+            raise ConfigError(f"model: image-encoders must be one of {IMAGE_ENCODERS}, got {self.image_encoders!r}")
+        if self.temporal_encoder not in TEMPORAL_ENCODERS:
+            raise ConfigError(f"model: temporal-encoder must be one of {TEMPORAL_ENCODERS}, "
+                              f"got {self.temporal_encoder!r}")
+        if self.temporal_layers < 1 or self.temporal_heads < 1:
+            raise ConfigError("model: temporal-layers and temporal-heads must be >= 1")
         if not 0.0 < self.pretrained_min_fraction <= 1.0:
             raise ConfigError(f"model: pretrained-min-fraction must be in (0, 1], got {self.pretrained_min_fraction}")
         if self.trainable_blocks < 0:

@@ -4,6 +4,7 @@ Items are dicts (Opacus' DP data loader learns the batch structure from the firs
 the keys the model consumes (see ``fedfusion.common.models``):
 
 - ``image`` float (C, H, W), or (C, D, H, W) when the schema's image has a depth; zeros when absent;
+  a multi-sequence schema has one such tensor per sequence, under its modality name (``image:t1``);
 - ``clinical_num`` float (2 * numeric columns): per column [standardised value, missing flag];
 - ``clinical_cat`` long (categorical columns): category index + 1, 0 = missing;
 - ``omics`` float (features), standardised, 0 where missing;
@@ -16,7 +17,7 @@ so nothing about other sites' patients is needed; the same fitted object is appl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset
 
 from fedfusion.common.config import Schema
 from fedfusion.common.imaging import ImageReadError, augment, load_image_tensor
+from fedfusion.common.longitudinal import fit_visit_stats, visit_tensors
 from fedfusion.common.manifest import Manifest
 from fedfusion.common.volumes import load_volume_tensor
 
@@ -36,12 +38,16 @@ class DataError(RuntimeError):
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Per-feature mean/std for numeric clinical columns and omics features (train split only)."""
+    """Per-feature mean/std for numeric clinical columns, omics features and per-visit columns, and the
+    visit time scale (train split only; the visit fields stay empty without a ``visits`` schema)."""
 
     clinical_mean: np.ndarray
     clinical_std: np.ndarray
     omics_mean: np.ndarray
     omics_std: np.ndarray
+    visits_mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    visits_std: np.ndarray = field(default_factory=lambda: np.ones(0))
+    visits_time_scale: np.ndarray = field(default_factory=lambda: np.ones(1))
 
     @classmethod
     def fit(cls, manifest: Manifest, rows: np.ndarray | None = None) -> Preprocessor:
@@ -51,10 +57,15 @@ class Preprocessor:
         omics = _omics_block(manifest, rows) if schema.omics else np.zeros((len(rows), 0))
         c_mean, c_std = _nan_stats(clinical)
         o_mean, o_std = _nan_stats(omics)
-        return cls(c_mean, c_std, o_mean, o_std)
+        if schema.visits is None:
+            return cls(c_mean, c_std, o_mean, o_std)
+        v_mean, v_std, v_scale = fit_visit_stats(manifest.frame, rows, len(schema.visits.columns))
+        return cls(c_mean, c_std, o_mean, o_std, v_mean, v_std, v_scale)
 
     def to_dict(self) -> dict[str, list[float]]:
-        return {k: getattr(self, k).tolist() for k in ("clinical_mean", "clinical_std", "omics_mean", "omics_std")}
+        keys = ["clinical_mean", "clinical_std", "omics_mean", "omics_std"]
+        keys += ["visits_mean", "visits_std", "visits_time_scale"] if len(self.visits_mean) else []
+        return {k: getattr(self, k).tolist() for k in keys}
 
     @classmethod
     def from_dict(cls, raw: dict[str, list[float]]) -> Preprocessor:
@@ -132,11 +143,12 @@ class MultimodalDataset(Dataset):
         self.manifest = manifest
         self.schema: Schema = manifest.schema
         self.rows = manifest.rows(split) if rows is None else np.asarray(rows)
-        self.train_augment = train_augment and self.schema.image is not None
+        self.image_specs = self.schema.image_specs
+        self.train_augment = train_augment and bool(self.image_specs)
         self.seed = seed
         self.epoch = 0
         self.cache_images = cache_images
-        self._image_cache: dict[int, torch.Tensor] = {}
+        self._image_cache: dict[tuple[str, int], torch.Tensor] = {}
         self._tabular = self._build_tabular(preprocessor)
 
     def _build_tabular(self, pre: Preprocessor) -> dict[str, torch.Tensor]:
@@ -159,6 +171,9 @@ class MultimodalDataset(Dataset):
             omics = _omics_block(self.manifest, rows)
             z = np.where(np.isnan(omics), 0.0, (omics - pre.omics_mean) / pre.omics_std)
             out["omics"] = torch.tensor(z, dtype=torch.float32)
+        if schema.visits is not None:
+            out.update(visit_tensors(frame, rows, schema.visits.max_visits, pre.visits_mean, pre.visits_std,
+                                     float(pre.visits_time_scale[0])))
         if schema.has_classification:
             lookup = {c: i for i, c in enumerate(schema.classes)}
             out["label"] = torch.tensor([lookup[v] for v in frame["label"].iloc[rows]], dtype=torch.long)
@@ -176,13 +191,12 @@ class MultimodalDataset(Dataset):
         """Vary augmentation per epoch while keeping each (seed, epoch, case) reproducible."""
         self.epoch = epoch
 
-    def _image(self, index: int) -> torch.Tensor:
-        spec = self.schema.image
-        assert spec is not None
-        if index in self._image_cache:
-            return self._image_cache[index]
+    def _image(self, index: int, modality: str = "image") -> torch.Tensor:
+        spec = self.image_specs[modality]
+        if (modality, index) in self._image_cache:
+            return self._image_cache[(modality, index)]
         row = int(self.rows[index])
-        path = self.manifest.frame["image"].iloc[row]
+        path = self.manifest.frame[modality].iloc[row]
         if path is None:
             tensor = torch.zeros(spec.shape)
         else:
@@ -194,17 +208,18 @@ class MultimodalDataset(Dataset):
             except ImageReadError as err:
                 raise DataError(f"{self.manifest.path}, line {row + 2}, column '{spec.column}': {err}") from None
         if self.cache_images:
-            self._image_cache[index] = tensor
+            self._image_cache[(modality, index)] = tensor
         return tensor
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = {key: value[index] for key, value in self._tabular.items()}
-        if self.schema.image is not None:
-            image = self._image(index)
-            if self.train_augment and bool(item["mask"][0]):
+        for position, modality in enumerate(self.image_specs):  # image modalities lead schema.modalities
+            image = self._image(index, modality)
+            if self.train_augment and bool(item["mask"][position]):
+                # the same seed for every sequence of a case: co-registered sequences get the same flips
                 generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, int(self.rows[index]))) % 2**63)
                 image = augment(image, generator)
-            item["image"] = image
+            item[modality] = image
         return item
 
     @property

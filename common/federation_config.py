@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "local-device": "auto",
     "fusion": "attention",
     "image-backbone": "cnn_small",
+    "image-encoders": "separate",  # multi-sequence schemas: separate | shared (one encoder + sequence embedding)
     # Optimiser and lr schedule (common/training.py); the schedule's unit is the server round.
     "local-optimizer": "adamw",  # adam | adamw | sgd | rmsprop
     "local-momentum": 0.9,  # sgd and rmsprop

@@ -12,7 +12,7 @@ line 2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pandas as pd
 
 from fedfusion.common.config import Schema
 from fedfusion.common.imaging import ImageReadError, read_image
+from fedfusion.common.longitudinal import VISIT_TIMES, VISIT_VALUES, collapse_visits, visits_present
 
 SPLITS = ("train", "val", "test")
 RESERVED_COLUMNS = ("case_id", "site", "split", "omics")
@@ -63,8 +64,9 @@ class Manifest:
     """A validated manifest: ``frame`` holds typed values, one row per case, index 0..n-1.
 
     Numeric clinical/omics columns are float (NaN = missing), categorical columns are strings or
-    None, ``image`` holds absolute paths or None, ``split`` is always filled (``"train"`` when the
-    file has no split column).
+    None, each image modality's column (``image``, or ``image:<sequence>`` for a multi-sequence schema)
+    holds absolute paths or None, ``split`` is always filled (``"train"`` when the file has no split
+    column).
     """
 
     path: Path
@@ -90,8 +92,10 @@ class Manifest:
         """Boolean frame (rows x schema.modalities): is the modality there for this case?"""
         present: dict[str, Any] = {}
         for modality in self.schema.modalities:
-            if modality == "image":
-                present["image"] = self.frame["image"].notna()
+            if modality in self.schema.image_specs:
+                present[modality] = self.frame[modality].notna()
+            elif modality == "visits":
+                present["visits"] = visits_present(self.frame)
             elif modality == "clinical":
                 cols = [c.name for c in self.schema.clinical]
                 present["clinical"] = self.frame[cols].notna().any(axis=1)
@@ -117,6 +121,10 @@ class Manifest:
         if schema.has_survival:
             out["events"] = int(self.frame["event"].sum())
             out["median_time"] = float(self.frame["time"].median())
+        if schema.visits is not None:
+            counts = self.frame[VISIT_TIMES].map(len)
+            out["visits"] = {"total": int(counts.sum()), "median_per_case": float(counts.median()),
+                             "cases_without": int((counts == 0).sum())}
         if schema.clinical:
             out["clinical_missing"] = {
                 c.name: float(self.frame[c.name].isna().mean()) for c in schema.clinical
@@ -154,12 +162,39 @@ def load_manifest(
                                            "expected each column once (more than once is ambiguous)",
                                            line=1, column=name) for name in twice])
     raw.columns = [str(c).strip() for c in raw.columns]
+    if schema.visits is not None:
+        return _load_long(path, schema, raw, check_images=check_images, allow_single_class=allow_single_class)
     checker = _Checker(path, schema, raw)
     frame = checker.run(check_images=check_images, allow_single_class=allow_single_class)
     if checker.issues:
         raise ManifestError(checker.issues)
     return Manifest(path=path, schema=schema, frame=frame, has_split_column="split" in raw.columns,
                     warnings=checker.warnings)
+
+
+def _load_long(path: Path, schema: Schema, raw: pd.DataFrame, *, check_images: bool,
+               allow_single_class: bool) -> Manifest:
+    """A long-format (one row per visit) manifest: collapse to cases (common/longitudinal.py), then run
+    every case-level check on each case's first row; line numbers stay the file's."""
+    file, visit_issues = str(path), []
+    long = collapse_visits(raw, schema, lambda msg, line, case, col: visit_issues.append(
+        ManifestIssue(file, msg, line=line, case_id=case, column=col)))
+    if long is None:
+        raise ManifestError(visit_issues)
+    checker = _Checker(path, schema, long.cases)
+    frame = checker.run(check_images=check_images, allow_single_class=allow_single_class)
+    relined = [replace(i, line=long.lines[i.line - 2]) if i.line is not None else i for i in checker.issues]
+    issues = sorted(visit_issues + relined, key=lambda i: (i.line or 0))
+    if issues:
+        raise ManifestError(issues)
+    frame[VISIT_TIMES] = pd.Series(long.times, dtype=object)
+    frame[VISIT_VALUES] = pd.Series(long.values, dtype=object)
+    warnings = checker.warnings
+    if long.dropped:
+        warnings.append(f"{file}: {long.dropped} visit(s) older than each case's last max_visits "
+                        f"{schema.visits.max_visits} were not kept")  # type: ignore[union-attr]
+    return Manifest(path=path, schema=schema, frame=frame, has_split_column="split" in raw.columns,
+                    warnings=warnings)
 
 
 def _is_blank(value: str) -> bool:
@@ -222,15 +257,14 @@ class _Checker:
                 omics = {name: self._numeric(name, "a number (omics feature), or empty for missing")
                          for name in schema.omics}
                 frame = pd.concat([frame, pd.DataFrame(omics, index=self.raw.index)], axis=1)
-        if schema.image is not None:
-            column = schema.image.column
+        for modality, spec in schema.image_specs.items():
+            column = spec.column
+            what = "an image" if modality == "image" else f"a '{spec.name}' image"
             if column in self.raw.columns:
-                frame["image"] = self._paths(column, check_readable=check_images)
+                frame[modality] = self._paths(column, check_readable=check_images)
             else:
-                frame["image"] = None
-                self.warnings.append(
-                    f"{self.file}: no '{column}' column: no case at this site has an image"
-                )
+                frame[modality] = None
+                self.warnings.append(f"{self.file}: no '{column}' column: no case at this site has {what}")
         if not self.issues and (frame["split"] == "train").sum() == 0:
             self.issue("no rows in the 'train' split; a site needs training cases", column="split")
         return frame.reset_index(drop=True)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedfusion.common.config import MODALITIES
+from fedfusion.common.config import MODALITIES, is_modality, modality_kind
 
 NUM_EXAMPLES = "num-examples"
 ARRAYS_KEY = "arrays"
@@ -38,7 +38,30 @@ def modality_count_key(modality: str) -> str:
     return f"{NUM_EXAMPLES}-{modality}"
 
 
+#: Count keys of the fixed modalities; image sequences add ``num-examples-image:<seq>`` (dynamic names:
+#: test with :func:`is_modality_count_key`, read with :func:`modality_count`).
 MODALITY_COUNT_KEYS = {m: modality_count_key(m) for m in MODALITIES}
+_COUNT_PREFIX = modality_count_key("")
+
+
+def is_modality_count_key(key: str) -> bool:
+    """Is ``key`` a per-modality count (``num-examples-clinical``, ``num-examples-image:t1``)?"""
+    return key.startswith(_COUNT_PREFIX) and is_modality(key[len(_COUNT_PREFIX):])
+
+
+def modality_count(counts: Mapping[str, float], group: str) -> float:
+    """How many training cases of a site had ``group``'s modality: the weight of that group in FedAvg.
+
+    A kind with no count of its own but with counts of its members is the shared encoder of a
+    multi-sequence schema (group ``image``, sites report ``image:t1``, ``image:flair``, ...): it is
+    weighted by the sum, the number of sequence images it was trained on at that site.
+    """
+    key = modality_count_key(group)
+    if key in counts:
+        return float(counts[key])
+    members = [float(v) for k, v in counts.items()
+               if is_modality_count_key(k) and k != key and modality_kind(k[len(_COUNT_PREFIX):]) == group]
+    return float(sum(members))
 
 
 def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:

@@ -24,12 +24,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from flwr.supercore import log
 
-from fedfusion.common.config import MODALITIES
+from fedfusion.common.config import is_modality
 from fedfusion.common.records import (
     MODALITY_COUNT_KEYS,
     NUM_EXAMPLES,
     SITE_KEY,
     arrays_to_numpy,
+    modality_count,
     modality_count_key,
     numpy_to_arrays,
 )
@@ -40,7 +41,7 @@ SHARED_GROUP = "shared"
 def group_of_key(name: str, parameter_groups: Mapping[str, str]) -> str:
     """Group of a state_dict key: a modality name, or ``shared`` (fusion, heads, buffers)."""
     group = parameter_groups.get(name, SHARED_GROUP)
-    return group if group in MODALITIES else SHARED_GROUP
+    return group if is_modality(group) else SHARED_GROUP
 
 
 def modality_weighted_average(
@@ -51,15 +52,17 @@ def modality_weighted_average(
 ) -> dict[str, np.ndarray]:
     """Average each key over the sites that trained its group, weighted by their example counts.
 
-    ``counts[i]`` holds ``num-examples`` and ``num-examples-<modality>`` of site ``i``. A group no
-    sampled site trained keeps its ``current`` value. With every modality at every site this is
-    exactly FedAvg weighted by ``num-examples``.
+    ``counts[i]`` holds ``num-examples`` and ``num-examples-<modality>`` of site ``i`` (modality names
+    are dynamic: ``image:t1`` for an image sequence; a shared multi-sequence encoder's group ``image`` is
+    weighted by the sum of its sequences' counts, see :func:`modality_count`). A group no sampled site
+    trained keeps its ``current`` value. With every modality at every site this is exactly FedAvg
+    weighted by ``num-examples``.
     """
     out: dict[str, np.ndarray] = {}
     for key, reference in current.items():
         group = group_of_key(key, parameter_groups)
-        weight_key = NUM_EXAMPLES if group == SHARED_GROUP else modality_count_key(group)
-        weights = np.array([float(c.get(weight_key, 0.0)) for c in counts], dtype=np.float64)
+        weights = np.array([float(c.get(NUM_EXAMPLES, 0.0)) if group == SHARED_GROUP else modality_count(c, group)
+                            for c in counts], dtype=np.float64)
         total = weights.sum()
         if total <= 0:
             out[key] = np.array(reference, copy=True)
@@ -145,8 +148,7 @@ class ModalityAwareFedAvg(FedAvg):
             metrics = next(iter(msg.content.metric_records.values()))
             accepted.append(msg)
             updates.append(update)
-            counts.append({k: 1.0 for k in (NUM_EXAMPLES, *MODALITY_COUNT_KEYS.values())} if self.uniform_weights
-                          else dict(metrics))
+            counts.append(self._uniform_counts() if self.uniform_weights else dict(metrics))
             self.site_metrics.append({"round": server_round, "phase": "train", "site": site_of(msg),
                                       **dict(metrics)})
         if not accepted:
@@ -154,6 +156,11 @@ class ModalityAwareFedAvg(FedAvg):
         averaged = modality_weighted_average(updates, counts, self._global, self.parameter_groups)
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         return numpy_to_arrays(averaged), metrics
+
+    def _uniform_counts(self) -> dict[str, float]:
+        """Weight 1 for every group, the fixed modalities and this model's own (e.g. ``image:t1``)."""
+        groups = {g for g in self.parameter_groups.values() if is_modality(g)}
+        return {k: 1.0 for k in (NUM_EXAMPLES, *MODALITY_COUNT_KEYS.values(), *map(modality_count_key, groups))}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)

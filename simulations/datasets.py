@@ -36,6 +36,15 @@ Per-data-set decisions (also in each :class:`DatasetInfo` description):
   176 of 228 patients); ``ph.ecog`` is numeric (an ordinal 0-3 score, one patient has 3).
 - ``wdbc-multimodal``: no real site (partition it with Dirichlet / label skew and call that
   simulated); images are RENDERED from the "mean" morphometry (see :mod:`.rendering`).
+- ``heartvalve`` and ``csl`` (longitudinal, long-format manifest, see
+  :mod:`fedfusion.common.longitudinal`): LANDMARK design. A model that saw every visit up to the
+  event would learn survival from how many visits there are and how long they span (follow-up length
+  leaks the outcome). So a landmark time L is fixed (heartvalve 2 years, csl 1 year: the earliest
+  time at which most patients have had >= 2 visits and most events are still to come), only patients
+  still at risk at L are kept, they get only their visits at times <= L, and the target is survival
+  AFTER L (time - L, event). The source is SurvSet's counting-process table (pid, time, time2,
+  event; one row per measurement at ``time``); a patient's follow-up is the last ``time2`` and the
+  event sits on the last row.
 """
 
 from __future__ import annotations
@@ -50,7 +59,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema
+from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema, VisitSpec
+from fedfusion.common.longitudinal import to_long_format
 from fedfusion.simulations.rendering import Morphometry, nucleus_rng, render_nucleus, save_png
 
 RESERVED_COLUMNS = ("case_id", "site", "split", "label", "time", "event", "image", "omics")
@@ -147,6 +157,37 @@ DATASETS: dict[str, DatasetInfo] = {
             needs_extra=False,
             time_unit="days",
         ),
+        DatasetInfo(
+            name="heartvalve",
+            description=(
+                "Aortic valve replacement (joineR heart.valve): the 237 of 256 patients still event-free at "
+                "the 2-year landmark, their repeated echocardiography up to it (valve gradient, LV mass index, "
+                "ejection fraction; 2.3 visits per patient on average) as the 'visits' modality, baseline "
+                "covariates as clinical, survival AFTER the landmark in years (48 deaths). Long-format "
+                "manifest. No real site: any partition is simulated."
+            ),
+            task="survival",
+            source="SurvSet (heartvalve)",
+            licence="SurvSet is GPL-3.0 (optional extra); data from the joineR R package (GPL-3)",
+            natural_site=None,
+            needs_extra=True,
+            time_unit="years",
+        ),
+        DatasetInfo(
+            name="csl",
+            description=(
+                "CSL1 liver cirrhosis trial (prednisone vs placebo, timereg csl): the 332 of 446 patients alive "
+                "at the 1-year landmark, their repeated prothrombin index up to it (3.3 visits on average) as "
+                "the 'visits' modality, treatment, sex, centred age and baseline prothrombin as clinical, "
+                "survival AFTER the landmark in years (183 deaths). Long-format manifest. No real site."
+            ),
+            task="survival",
+            source="SurvSet (csl)",
+            licence="SurvSet is GPL-3.0 (optional extra); data from the timereg R package (GPL)",
+            natural_site=None,
+            needs_extra=True,
+            time_unit="years",
+        ),
     )
 }
 
@@ -224,6 +265,7 @@ class _Built:
     frame: pd.DataFrame  # manifest without split (and with 'site' only if real)
     schema: Schema
     images: Callable[[Path, int], None] | None = None  # writes images into out_dir given seed
+    visits: pd.DataFrame | None = None  # long-format data sets: case_id, visit time, per-visit columns
 
 
 def _ovarian() -> _Built:
@@ -390,11 +432,87 @@ def _lung() -> _Built:
     return _Built(frame, schema)
 
 
+HEARTVALVE_LANDMARK = 2.0  # years
+CSL_LANDMARK = 1.0  # years
+MAX_VISITS = 8
+
+
+def _landmark(df: pd.DataFrame, dataset: str, landmark: float, visit_columns: dict[str, str]
+              ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Landmark a SurvSet counting-process table (module docstring): (cases at risk at ``landmark``
+    with case_id, time after the landmark and event; each case's first source row, for its baseline
+    covariates; visits at times <= landmark with case_id, visit_time and ``visit_columns`` renamed)."""
+    df = df.sort_values(["pid", "time"], kind="stable").reset_index(drop=True)
+    by_pid = df.groupby("pid", sort=True)
+    follow, event = by_pid["time2"].max(), by_pid["event"].max()
+    last_event = by_pid["event"].last()
+    if not (event == last_event).all() or set(event.unique()) - {0, 1}:
+        raise DatasetError(f"{dataset}: expected a 0/1 event only on each patient's last row")
+    at_risk = follow.index[follow > landmark]
+    ids = {pid: f"{dataset}-{int(pid):04d}" for pid in at_risk}
+    cases = pd.DataFrame({"case_id": [ids[p] for p in at_risk],
+                          "time": (follow.loc[at_risk] - landmark).to_numpy(dtype=float),
+                          "event": event.loc[at_risk].to_numpy(dtype=int)})
+    baseline = by_pid.first().loc[at_risk].reset_index()
+    seen = df[df["pid"].isin(at_risk) & (df["time"] <= landmark)]
+    visits = pd.DataFrame({"case_id": seen["pid"].map(ids).to_numpy(), "visit_time": seen["time"].to_numpy(float)})
+    for target, source in visit_columns.items():
+        visits[target] = seen[source].to_numpy(dtype=float)
+    return cases, baseline, visits
+
+
+def _heartvalve() -> _Built:
+    df = _survset("heartvalve", "heartvalve")
+    cases, base, visits = _landmark(df, "heartvalve", HEARTVALVE_LANDMARK,
+                                    {"grad": "num_grad", "lvmi": "num_lvmi", "ef": "num_ef"})
+    no_yes = {0: "no", 1: "yes"}
+    clinical = pd.DataFrame({
+        "age": base["num_age"].astype(float),
+        "sex": _categorical(base["fac_sex"], {0: "male", 1: "female"}),  # joineR: 0 = male, 1 = female
+        "bsa": base["num_bsa"].astype(float),
+        "creatinine": base["num_creat"].astype(float),
+        "valve_size": base["num_size"].astype(float),
+        "valve_type": _categorical(base["fac_hs"], {"Homograft": "homograft", "Stentless valve": "stentless"}),
+        "lv_function": base["fac_lv"].astype(float),  # pre-operative LV function, ordinal 1 (good) - 3 (poor)
+        "redo": _categorical(base["fac_redo"], no_yes),
+        "cabg": _categorical(base["fac_con_cabg"], no_yes),
+        "diabetes": _categorical(base["fac_dm"], no_yes),
+        "ace_inhibitor": _categorical(base["fac_acei"], no_yes),
+    })
+    cats = {"sex": ("male", "female"), "valve_type": ("homograft", "stentless")}
+    columns = tuple(
+        ClinicalColumn(c, "categorical", cats.get(c, ("no", "yes"))) if clinical[c].dtype == object
+        else ClinicalColumn(c, "numeric") for c in clinical.columns)
+    schema = Schema(
+        name="heartvalve", task="survival", clinical=columns,
+        visits=VisitSpec(time_column="visit_time", columns=("grad", "lvmi", "ef"), max_visits=MAX_VISITS),
+        site_column=None, description=DATASETS["heartvalve"].description,
+    )
+    return _Built(pd.concat([cases, clinical], axis=1), schema, visits=visits)
+
+
+def _csl() -> _Built:
+    df = _survset("csl", "csl")
+    cases, base, visits = _landmark(df, "csl", CSL_LANDMARK, {"prothrombin": "num_prot"})
+    # SurvSet does not document the 0/1 codes of sex and treatment: kept as numeric 0/1 indicators
+    clinical = pd.DataFrame({"treatment": base["fac_treat"].astype(float), "sex": base["fac_sex"].astype(float),
+                             "age_centred": base["num_age"].astype(float),
+                             "prothrombin_baseline": base["num_prot_base"].astype(float)})
+    schema = Schema(
+        name="csl", task="survival", clinical=tuple(ClinicalColumn(c, "numeric") for c in clinical.columns),
+        visits=VisitSpec(time_column="visit_time", columns=("prothrombin",), max_visits=MAX_VISITS),
+        site_column=None, description=DATASETS["csl"].description,
+    )
+    return _Built(pd.concat([cases, clinical], axis=1), schema, visits=visits)
+
+
 _BUILDERS: dict[str, Callable[[], _Built]] = {
     "ovarian": _ovarian,
     "breast-cohorts": _breast_cohorts,
     "wdbc-multimodal": _wdbc,
     "lung": _lung,
+    "heartvalve": _heartvalve,
+    "csl": _csl,
 }
 
 
@@ -405,6 +523,8 @@ def _check(built: _Built) -> None:
     """Rules the manifest must meet before anything is written."""
     schema, frame = built.schema, built.frame
     data_cols = [c.name for c in schema.clinical] + list(schema.omics)
+    if schema.visits is not None:
+        data_cols += [schema.visits.time_column, *schema.visits.columns]
     clash = sorted(set(data_cols) & set(RESERVED_COLUMNS))
     if clash or len(set(data_cols)) != len(data_cols):
         raise DatasetError(f"{schema.name}: feature columns clash with reserved or repeated names: {clash}")
@@ -443,6 +563,8 @@ def build_dataset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     if built.images is not None:
         built.images(out_dir, seed)
+    if built.visits is not None and schema.visits is not None:  # long format: one row per visit
+        frame = to_long_format(frame, built.visits, schema.visits.time_column)
     # 8 significant digits: beyond any assay's precision, and it halves the wide omics files
     _atomic_write(out_dir / "manifest.csv", lambda p: frame.to_csv(p, index=False, float_format="%.8g"))
     schema_path = out_dir / "schema.json"

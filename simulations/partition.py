@@ -62,6 +62,7 @@ import pandas as pd
 
 from fedfusion.client.runtime import site_manifest_path
 from fedfusion.common.config import Schema
+from fedfusion.common.longitudinal import case_rows
 from fedfusion.simulations.datasets import DatasetError, assign_splits
 
 PARTITIONS = ("natural", "iid", "dirichlet", "quantity", "covariate-shift", "modality-missing")
@@ -104,6 +105,12 @@ def partition_manifest(
     """
     manifest_path = Path(manifest_path)
     raw = pd.read_csv(manifest_path, dtype=str, keep_default_na=False)
+    visit_rows = None
+    if schema.visits is not None:  # long format: sites and splits are drawn per case, each case keeps all its rows
+        if missing_modality is not None or how == "modality-missing":
+            raise PartitionError(f"schema '{schema.name}' has a long-format (visits) manifest; the missing-modality "
+                                 "overlay is not available for it yet")
+        long_raw, (raw, visit_rows) = raw, case_rows(raw)
     options = {
         "alpha": alpha,
         "skew_on": skew_on,
@@ -149,6 +156,8 @@ def partition_manifest(
             f"{manifest_path}: partition {how!r} failed ({hint}):\n"
             + "\n".join(f"  - {f}" for f in site_failures or failures)
         )
+    if visit_rows is not None:  # back to one row per visit, each carrying its case's site and split
+        raw, assignment, split = long_raw, assignment[visit_rows], pd.Series(np.asarray(split)[visit_rows])
     out = raw.copy()
     if not has_split:
         if "split" not in out.columns:
@@ -460,6 +469,8 @@ def _modality_columns(frame: pd.DataFrame, schema: Schema, modality: str) -> lis
         return [schema.image.column] if schema.image is not None and schema.image.column in frame.columns else []
     if modality == "omics":
         return ["omics"] if "omics" in frame.columns else list(schema.omics)
+    if modality == "visits":
+        return [schema.visits.time_column] if schema.visits is not None else []
     return [c.name for c in schema.clinical]
 
 
@@ -527,6 +538,9 @@ def _write(
         path = site_manifest_path(folder, str(site))
         part.to_csv(path, index=False)
         paths[str(site)] = path
+        visit_rows = len(part)
+        if schema.visits is not None:  # long format: count cases, not visit rows
+            part = part.drop_duplicates(subset="case_id")
         info: dict[str, Any] = {
             "manifest": path.name,
             "rows": len(part),
@@ -538,6 +552,8 @@ def _write(
         if schema.has_survival:
             info["events"] = int((pd.to_numeric(part[schema.event_column], errors="coerce") == 1).sum())
         info["modality_present"] = {m: int(_present(part, cols).sum()) for m, cols in modalities.items()}
+        if schema.visits is not None:
+            info["visit_rows"] = visit_rows
         if blanked:
             info["modality_blanked"] = blanked[site]
         if "shift_feature" in params:

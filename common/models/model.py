@@ -5,7 +5,7 @@ Parameter names reveal the group the federation averages them in (:func:`paramet
 =====================================  =========================================================
 name prefix                            group
 =====================================  =========================================================
-``encoders.<modality>.``               ``<modality>`` (image, clinical, omics)
+``encoders.<modality>.``               ``<modality>`` (image, image:<seq>, clinical, omics)
 ``absent.<modality>.``                 ``fusion`` (learned stand-in for a missing modality)
 ``heads.<task>.per_modality.<m>.``     ``<m>`` (``late`` fusion's per-modality heads)
 ``fusion.``                            ``fusion``
@@ -15,6 +15,11 @@ name prefix                            group
 ``absent.<m>`` is trained by the samples that LACK modality m (and by modality dropout), so it is
 shared: a site without omics is exactly the site that trains ``absent.omics``; grouping it with
 omics would discard that site's update for it.
+
+Multi-sequence schemas (``Schema.images``) have one modality per sequence (``image:t1``, ...). With
+``image-encoders = "separate"`` each has its own ``encoders.image:<seq>`` (group ``image:<seq>``,
+averaged over the sites that have that sequence); with ``"shared"`` one ``encoders.image`` encodes
+every sequence (group ``image``, weighted by the sites' image counts over all sequences).
 """
 
 from __future__ import annotations
@@ -25,14 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MODALITIES, ConfigError, ModelConfig, Schema
-from .encoders import ClinicalEncoder, ClinicalRaw, OmicsEncoder, OmicsRaw, build_image_encoder
+from ..config import MODALITIES, ConfigError, ModelConfig, Schema, is_modality, modality_kind
+from .encoders import (
+    SLICE_PREFIXES,
+    ClinicalEncoder,
+    ClinicalRaw,
+    OmicsEncoder,
+    OmicsRaw,
+    SharedImageEncoder,
+    build_image_encoder,
+    build_shared_image_encoder,
+)
+from .encoders.temporal import build_temporal_encoder
 from .fusion import Fusion
 from .heads import PerModalityHead, schema_tasks
 from .registry import TIMM_PREFIX, get_fusion, get_head, list_image_backbones
 from .transfer import freeze_image_backbone
 
-#: Parameter groups, in the order :meth:`FusionModel.parameter_groups` lists them.
+#: Parameter groups of a one-image schema; :meth:`FusionModel.parameter_groups` lists the model's own.
 PARAMETER_GROUPS = (*MODALITIES, "fusion", "head")
 _WRAPPERS = ("_module.", "module.")  # Opacus GradSampleModule, DataParallel/DDP
 
@@ -45,11 +60,11 @@ def parameter_group(name: str) -> str:
     while name.startswith(_WRAPPERS):
         name = name.split(".", 1)[1]
     parts = name.split(".")
-    if len(parts) > 2 and parts[0] == "encoders" and parts[1] in MODALITIES:
+    if len(parts) > 2 and parts[0] == "encoders" and is_modality(parts[1]):
         return parts[1]
-    if len(parts) > 2 and parts[0] == "absent" and parts[1] in MODALITIES:
+    if len(parts) > 2 and parts[0] == "absent" and is_modality(parts[1]):
         return "fusion"
-    if len(parts) > 4 and parts[0] == "heads" and parts[2] == "per_modality" and parts[3] in MODALITIES:
+    if len(parts) > 4 and parts[0] == "heads" and parts[2] == "per_modality" and is_modality(parts[3]):
         return parts[3]
     if parts[0] == "fusion":
         return "fusion"
@@ -88,10 +103,13 @@ class FusionModel(nn.Module):
         self.schema, self.config = schema, cfg
         self.modalities = schema.modalities
         self.encoders = nn.ModuleDict(encoders)
+        missing = [m for m in self.modalities if m not in encoders and modality_kind(m) not in encoders]
+        if missing:
+            raise ValueError(f"no encoder for modalities {missing}; got encoders for {sorted(encoders)}")
         self.absent = nn.ModuleDict()
         if fusion.uses_absent:
-            for m, enc in encoders.items():
-                self.absent[m] = nn.Embedding(1, enc.out_dim)
+            for m in self.modalities:
+                self.absent[m] = nn.Embedding(1, self._encoder_of(m).out_dim)
                 nn.init.zeros_(self.absent[m].weight)
         self.fusion = fusion
         self.heads = nn.ModuleDict(heads)
@@ -102,7 +120,8 @@ class FusionModel(nn.Module):
             mask = drop_modalities(mask, self.config.modality_dropout)
         embeddings = []
         for i, m in enumerate(self.modalities):
-            e = self.encoders[m](batch)
+            encoder = self._encoder_of(m)
+            e = encoder.encode(batch, m) if isinstance(encoder, SharedImageEncoder) else encoder(batch)
             if m in self.absent:
                 absent = self.absent[m](torch.zeros(e.shape[0], dtype=torch.long, device=e.device))
                 e = torch.where(mask[:, i : i + 1], e, absent)
@@ -118,6 +137,12 @@ class FusionModel(nn.Module):
             out["modality_weights"] = fused.weights
         return out
 
+    def _encoder_of(self, modality: str) -> nn.Module:
+        """The modality's own encoder, or the shared one of its kind (``image-encoders = "shared"``)."""
+        if modality in self.encoders:
+            return self.encoders[modality]
+        return self.encoders[modality_kind(modality)]
+
     def _mask(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         mask = batch.get("mask")
         if mask is None or mask.ndim != 2 or mask.shape[1] != len(self.modalities):
@@ -132,13 +157,14 @@ class FusionModel(nn.Module):
         return mask
 
     def parameter_groups(self) -> dict[str, list[str]]:
-        """Parameter names per group (image, clinical, omics, fusion, head); groups may be empty.
+        """Parameter names per group (each modality, e.g. image:t1, then fusion, head); groups may be empty.
 
         The federation averages each modality group only over sites that have that modality.
         """
-        groups: dict[str, list[str]] = {g: [] for g in PARAMETER_GROUPS}
+        names = (*MODALITIES, *self.modalities, *self.encoders, "fusion", "head")
+        groups: dict[str, list[str]] = {g: [] for g in dict.fromkeys(names)}
         for name, _ in self.named_parameters():
-            groups[parameter_group(name)].append(name)
+            groups.setdefault(parameter_group(name), []).append(name)
         return groups
 
 
@@ -154,15 +180,23 @@ def create_model(schema: Schema, cfg: ModelConfig | None = None) -> FusionModel:
     except ValueError as err:
         raise ConfigError(f"model: {err}") from None
     encoders: dict[str, nn.Module] = {}
-    if schema.image is not None:
+    specs = schema.image_specs
+    if specs:
         name = cfg.image_backbone
-        if name not in list_image_backbones() and not name.startswith(TIMM_PREFIX):
+        if name not in list_image_backbones() and not name.startswith((TIMM_PREFIX, *SLICE_PREFIXES)):
             raise ConfigError(f"model: unknown image-backbone '{cfg.image_backbone}'; registered: "
-                              f"{list_image_backbones()}, or '{TIMM_PREFIX}<any timm model name>'")
-        encoders["image"] = build_image_encoder(cfg.image_backbone, schema.image, cfg.embed_dim,
-                                                cfg.pretrained_path, min_fraction=cfg.pretrained_min_fraction)
-        freeze_image_backbone(encoders["image"].backbone, freeze=cfg.freeze_backbone,
-                              trainable_blocks=cfg.trainable_blocks, name=cfg.image_backbone)
+                              f"{list_image_backbones()}, or '{TIMM_PREFIX}<any timm model name>', or "
+                              f"slice pooling over a 2-D one: {[p + '<backbone>' for p in SLICE_PREFIXES]}")
+        if schema.images and cfg.image_encoders == "shared":
+            encoders["image"] = build_shared_image_encoder(name, specs, cfg.embed_dim, cfg.pretrained_path,
+                                                           min_fraction=cfg.pretrained_min_fraction)
+        else:
+            for modality, spec in specs.items():
+                encoders[modality] = build_image_encoder(name, spec, cfg.embed_dim, cfg.pretrained_path,
+                                                         min_fraction=cfg.pretrained_min_fraction, key=modality)
+        for encoder in encoders.values():
+            freeze_image_backbone(encoder.backbone, freeze=cfg.freeze_backbone,
+                                  trainable_blocks=cfg.trainable_blocks, name=cfg.image_backbone)
     elif cfg.pretrained_path or cfg.freeze_backbone or cfg.trainable_blocks:
         raise ConfigError(f"model: pretrained-path/freeze-backbone/trainable-blocks are set but schema "
                           f"'{schema.name}' has no image modality")
@@ -171,7 +205,11 @@ def create_model(schema: Schema, cfg: ModelConfig | None = None) -> FusionModel:
     if schema.omics:
         n = len(schema.omics)
         encoders["omics"] = OmicsRaw(n) if fusion_cls.raw_tabular else OmicsEncoder(n, cfg)
-    dims = {m: encoders[m].out_dim for m in schema.modalities}
+    if schema.visits:  # no raw form: even early fusion takes the visits through their temporal encoder
+        encoders["visits"] = build_temporal_encoder(cfg.temporal_encoder, len(schema.visits.columns), cfg.embed_dim,
+                                                    cfg.hidden_dim, cfg.dropout, cfg.temporal_layers,
+                                                    cfg.temporal_heads)
+    dims = {m: (encoders[m] if m in encoders else encoders[modality_kind(m)]).out_dim for m in schema.modalities}
     fusion = fusion_cls(dims, cfg)
     heads: dict[str, nn.Module] = {}
     for task in schema_tasks(schema):

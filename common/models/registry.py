@@ -16,6 +16,7 @@ F = TypeVar("F", bound=Callable)
 
 _FUSIONS: dict[str, Callable] = {}
 _IMAGE_BACKBONES: dict[str, Callable] = {}
+_VOLUMETRIC: set[str] = set()  # backbones that take (B, C, D, H, W) volumes
 _HEADS: dict[str, Callable] = {}
 
 #: Prefix of image backbone names that build any timm model by its timm name (``timm:regnetx_002``).
@@ -51,18 +52,27 @@ def register_fusion(name: str) -> Callable[[F], F]:
     return _register(_FUSIONS, "fusion", name)
 
 
-def register_image_backbone(name: str) -> Callable[[F], F]:
+def register_image_backbone(name: str, *, volumetric: bool = False) -> Callable[[F], F]:
     """Register ``builder(image: ImageSpec, pretrained_path: str | None) -> nn.Module`` under ``name``.
 
     The backbone maps (B, C, H, W) float images to (B, num_features) (the width is found by one
     forward) and must already be Opacus-ready (no BatchNorm, no in-place ops on hooked outputs).
     A builder that accepts a keyword ``min_fraction`` is given ``ModelConfig.pretrained_min_fraction``
     when that is below 1 (partial loading of ``pretrained_path``); volumetric backbones set
-    ``volumetric = True`` and take (B, C, D, H, W).
+    ``volumetric = True`` and take (B, C, D, H, W); registering them with ``volumetric=True`` lists them
+    under ``list_image_backbones(volumetric=True)`` without building them (the test matrix splits on it).
     """
     if name.startswith(TIMM_PREFIX):
         raise ValueError(f"backbone names may not start with '{TIMM_PREFIX}' (reserved for any timm model)")
-    return _register(_IMAGE_BACKBONES, "image backbone", name)
+    register = _register(_IMAGE_BACKBONES, "image backbone", name)
+
+    def decorator(builder: F) -> F:
+        registered = register(builder)
+        if volumetric:
+            _VOLUMETRIC.add(name)
+        return registered
+
+    return decorator
 
 
 def register_head(name: str) -> Callable[[F], F]:
@@ -75,9 +85,12 @@ def list_fusions() -> list[str]:
     return sorted(_FUSIONS)
 
 
-def list_image_backbones() -> list[str]:
-    """Registered image backbone names, sorted. Any timm model is also reachable as ``timm:<name>``."""
-    return sorted(_IMAGE_BACKBONES)
+def list_image_backbones(volumetric: bool | None = None) -> list[str]:
+    """Registered image backbone names, sorted; ``volumetric`` True/False keeps only 3-D / 2-D ones.
+
+    Any timm model (2-D) is also reachable as ``timm:<name>``.
+    """
+    return sorted(n for n in _IMAGE_BACKBONES if volumetric is None or (n in _VOLUMETRIC) == volumetric)
 
 
 def list_heads() -> list[str]:

@@ -71,14 +71,17 @@ class SmallCNN(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """``batch["image"]`` (B, C, H, W) float -> (B, embed_dim): backbone features, then a Linear.
+    """``batch[key]`` (B, C, H, W) float -> (B, embed_dim): backbone features, then a Linear.
 
-    For a schema with ``image.depth`` > 0 the input is a volume (B, C, D, H, W) and the backbone must
-    be volumetric (its ``volumetric`` attribute is True, e.g. ``cnn3d_small``).
+    ``key`` is the image modality (``image``, or ``image:t1`` for one sequence of a multi-sequence
+    schema). For a schema with ``image.depth`` > 0 the input is a volume (B, C, D, H, W) and the
+    backbone must be volumetric (its ``volumetric`` attribute is True, e.g. ``cnn3d_small``).
     """
 
-    def __init__(self, backbone: nn.Module, image: ImageSpec, embed_dim: int, name: str = "backbone") -> None:
+    def __init__(self, backbone: nn.Module, image: ImageSpec, embed_dim: int, name: str = "backbone",
+                 key: str = "image") -> None:
         super().__init__()
+        self.key = key
         if image.depth and not getattr(backbone, "volumetric", False):
             raise ConfigError(f"model: image backbone '{name}' encodes 2-D images but the schema's images are "
                               f"volumes (depth {image.depth}); use a 3-D backbone such as 'cnn3d_small'")
@@ -90,13 +93,49 @@ class ImageEncoder(nn.Module):
         self.out_dim = embed_dim
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        image = batch["image"]
+        return self.encode(batch, self.key)
+
+    def encode(self, batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+        image = batch[key]
         if tuple(image.shape[1:]) != self.shape:
             raise ValueError(
-                f"batch['image'] has shape {tuple(image.shape)}; the schema expects "
+                f"batch['{key}'] has shape {tuple(image.shape)}; the schema expects "
                 f"(B, {', '.join(str(s) for s in self.shape)})"
             )
         return self.proj(self.backbone(image))
+
+
+class SharedImageEncoder(ImageEncoder):
+    """One backbone + projection for every sequence of a multi-sequence schema, plus a learned
+    per-sequence embedding added to the projection, so the fusion can tell T1 from FLAIR.
+
+    Sharing trades per-sequence specialisation for 1/S of the parameters and S times the training
+    images per parameter: the better choice for small sites. ``encode(batch, "image:t1")`` gives one
+    sequence's (B, embed_dim) embedding; the backbone runs once per sequence, so every parameter
+    (and every row of the sequence embedding) takes part in every step, as Opacus needs. Its
+    parameters are ``encoders.image.*`` (group ``image``): a checkpoint or pretrained file for a
+    one-image model fits its backbone unchanged.
+    """
+
+    def __init__(self, backbone: nn.Module, specs: Mapping[str, ImageSpec], embed_dim: int,
+                 name: str = "backbone") -> None:
+        shapes = {m: spec.shape for m, spec in specs.items()}
+        if len(set(shapes.values())) != 1:
+            raise ConfigError(f"model: image-encoders = \"shared\" needs every image sequence in the same shape "
+                              f"(channels, depth, size); the schema has {shapes}. Use \"separate\" or resize")
+        first = next(iter(specs.values()))
+        super().__init__(backbone, first, embed_dim, name, key="")
+        self.sequences = tuple(specs)
+        self.sequence = nn.Embedding(len(self.sequences), embed_dim)
+        nn.init.normal_(self.sequence.weight, std=0.02)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise TypeError("a shared image encoder encodes one sequence at a time: call encode(batch, modality)")
+
+    def encode(self, batch: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
+        features = super().encode(batch, key)
+        index = torch.full((features.shape[0],), self.sequences.index(key), dtype=torch.long, device=features.device)
+        return features + self.sequence(index)
 
 
 def _feature_width(backbone: nn.Module, image: ImageSpec, name: str) -> int:
@@ -119,12 +158,33 @@ def _feature_width(backbone: nn.Module, image: ImageSpec, name: str) -> int:
 
 
 def build_image_encoder(name: str, image: ImageSpec, embed_dim: int, pretrained_path: str | None = None,
-                        *, min_fraction: float = 1.0) -> ImageEncoder:
-    """Build the encoder for backbone ``name`` (registered, or ``timm:<any timm model>``).
+                        *, min_fraction: float = 1.0, key: str = "image") -> ImageEncoder:
+    """Build the encoder for backbone ``name`` (registered, or ``timm:<any timm model>``) reading ``batch[key]``.
 
     ``min_fraction`` < 1 accepts a weights file that fits the backbone only partly (see
     :func:`load_local_weights`); it is passed to registered builders only when it is not 1.
     """
+    backbone = build_image_backbone(name, image, pretrained_path, min_fraction=min_fraction)
+    return ImageEncoder(backbone, image, embed_dim, name, key=key)
+
+
+def build_shared_image_encoder(name: str, specs: Mapping[str, ImageSpec], embed_dim: int,
+                               pretrained_path: str | None = None, *, min_fraction: float = 1.0
+                               ) -> SharedImageEncoder:
+    """One encoder for all image sequences (``image-encoders = "shared"``), see :class:`SharedImageEncoder`."""
+    backbone = build_image_backbone(name, next(iter(specs.values())), pretrained_path, min_fraction=min_fraction)
+    return SharedImageEncoder(backbone, specs, embed_dim, name)
+
+
+def build_image_backbone(name: str, image: ImageSpec, pretrained_path: str | None = None,
+                         *, min_fraction: float = 1.0) -> nn.Module:
+    """The backbone alone: a registered builder, any timm model as ``timm:<name>``, or slice pooling over
+    any 2-D backbone as ``slices:<name>`` / ``slices_mean:<name>`` (see ``encoders/slices.py``)."""
+    from .slices import SLICE_PREFIXES, build_slice_pooling
+
+    for prefix, pooling in SLICE_PREFIXES.items():
+        if name.startswith(prefix):
+            return build_slice_pooling(name[len(prefix):], image, pooling, pretrained_path, min_fraction)
     if name.startswith(TIMM_PREFIX):
         timm_name = name[len(TIMM_PREFIX):]
         backbone = build_timm_backbone(timm_name, image, pretrained_path, probe=True, min_fraction=min_fraction)
@@ -132,7 +192,7 @@ def build_image_encoder(name: str, image: ImageSpec, embed_dim: int, pretrained_
         builder = get_image_backbone(name)
         extra = {"min_fraction": min_fraction} if pretrained_path and min_fraction < 1.0 else {}
         backbone = builder(image, pretrained_path, **extra)
-    return ImageEncoder(backbone, image, embed_dim, name)
+    return backbone
 
 
 @register_image_backbone("cnn_small")

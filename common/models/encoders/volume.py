@@ -35,7 +35,7 @@ class SmallCNN3D(nn.Module):
         return self.pool(self.features(x)).flatten(1)
 
 
-@register_image_backbone("cnn3d_small")
+@register_image_backbone("cnn3d_small", volumetric=True)
 def cnn3d_small(image: ImageSpec, pretrained_path: str | None = None, min_fraction: float = 1.0) -> nn.Module:
     from .image import load_local_weights
 

@@ -85,10 +85,10 @@ def _assert_contract(out_dir: Path, frame: pd.DataFrame) -> None:
 # --------------------------------------------------------------------------- registry and errors
 
 
-def test_registry_lists_the_four_datasets_with_their_needs() -> None:
+def test_registry_lists_the_datasets_with_their_needs() -> None:
     infos = {info.name: info for info in list_datasets()}
 
-    assert list(infos) == ["ovarian", "breast-cohorts", "wdbc-multimodal", "lung"]
+    assert list(infos) == ["ovarian", "breast-cohorts", "wdbc-multimodal", "lung", "heartvalve", "csl"]
     assert infos["ovarian"].needs_extra and infos["breast-cohorts"].needs_extra
     assert not infos["wdbc-multimodal"].needs_extra and not infos["lung"].needs_extra
     assert infos["wdbc-multimodal"].natural_site is None and infos["wdbc-multimodal"].site_column is None
