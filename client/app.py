@@ -6,6 +6,10 @@ privacy policy or budget does not allow is *refused*: the reply carries the reas
 so far instead of an update, and the server records it. Evaluation replies (test-split metrics) are
 not covered by the training ε; they are aggregates of held-out cases, as without DP.
 
+With sample-level DP every released update is also kept beside the ledger (:mod:`fedfusion.client.releases`):
+when a resumed coordinator asks for a round this site already released (same study, round, model and
+settings), the site re-sends that update instead of training and spending ε a second time.
+
 Client-level (central) DP: Flower's ``fixedclipping_mod`` clips the update when the server's
 ``DifferentialPrivacyClientSideFixedClipping`` wrapper asks for it (a ``clipping_norm`` in the train
 config). It is attached to the train function only: in Flower 1.41 the mod does not skip evaluate
@@ -15,6 +19,7 @@ messages, and it turns any train message without a clipping norm into an error, 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedfusion.client.audit_mod import audit_mod
+from fedfusion.client.releases import ReleaseStore, request_key
 from fedfusion.client.runtime import SiteRuntime, round_privacy, site_from_context, site_policy, study_name
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation
 from fedfusion.common.federation_config import FederationConfig
@@ -37,10 +43,13 @@ from fedfusion.common.records import (
     REFUSED_KEY,
     SITE_KEY,
     arrays_to_model,
+    arrays_to_numpy,
     metrics_record,
     model_to_arrays,
     refusal_reason,
 )
+
+log = logging.getLogger("fedfusion.client")
 
 
 def clip_update_when_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -100,6 +109,16 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             policy = site_policy(node_config, run_config, site.site_id)
             privacy = round_privacy(site, policy, cfg, server_round,
                                     note={"run": context.run_id, "round": server_round})
+            if privacy is not None:  # the same request as an earlier release: send that again, spend no ε
+                releases = ReleaseStore.beside_ledger(policy.ledger)
+                key = request_key(site.site_id, privacy.study, server_round, cfg.config_hash(),
+                                  arrays_to_numpy(msg.content[ARRAYS_KEY]), dict(config))
+                released = releases.get(site.site_id, privacy.study, key)
+                if released is not None:
+                    log.warning("round %d: the coordinator asks again for a round this site already released "
+                                "(study %s; e.g. it resumed after a crash): re-sending that update, no new ε",
+                                server_round, privacy.study)
+                    return Message(released, reply_to=msg)
             model = arrays_to_model(msg.content[ARRAYS_KEY], site.build_model(cfg.model))
             metrics = site.train(model, cfg.train, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
                                  privacy=privacy)
@@ -107,8 +126,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             return Message(RecordDict({METRICS_KEY: MetricRecord(_spent(policy, cfg, site)),
                                        SITE_KEY: ConfigRecord({"site-id": site.site_id, REFUSED_KEY: str(refusal)})}),
                            reply_to=msg)
-        return Message(RecordDict({ARRAYS_KEY: model_to_arrays(model), METRICS_KEY: metrics_record(metrics),
-                                   SITE_KEY: ConfigRecord({"site-id": site.site_id})}), reply_to=msg)
+        content = RecordDict({ARRAYS_KEY: model_to_arrays(model), METRICS_KEY: metrics_record(metrics),
+                              SITE_KEY: ConfigRecord({"site-id": site.site_id})})
+        if privacy is not None:  # on disk before it leaves: a resumed run's identical request gets it again
+            releases.put(site.site_id, privacy.study, key, content)
+        return Message(content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -7,9 +7,13 @@ what the SuperNode receives and what a coordinator can publish (``fedfusion app-
 FABs deterministically, so the same source gives the same hash on every machine.
 
 The check runs in the site's own installed code (the warm SuperExec's task process, before Flower
-loads the ClientApp from the FAB), never in the FAB: a bundle cannot approve itself. A refused run
-gets Flower's ordinary "could not load ClientApp" error reply, naming the hash and the setting to
-change, and no byte of the unapproved code is imported.
+loads the ClientApp from the FAB), never in the FAB: a bundle cannot approve itself. No byte of the
+unapproved code is imported, and no data is read: instead of the bundle's ClientApp, Flower runs
+:func:`refusing_app`, site code that answers every message with an error reply (code
+``LOAD_CLIENT_APP_EXCEPTION``) naming the hash and the setting to change. That reply goes through the
+site's audit mod like any other, so the refusal is in the audit log, and the coordinator sees the
+reason (Flower's own load-error reply would only say "An exception was raised when attempting to load
+`ClientApp`").
 """
 
 from __future__ import annotations
@@ -53,13 +57,28 @@ def check_approved(digest: str, approved: frozenset[str]) -> None:
             "[approval] apps in site.toml and restart the site")
 
 
+def refusing_app(reason: str) -> Callable[..., object]:
+    """A stand-in ClientApp that answers any message with ``reason`` (recorded by the audit mod first)."""
+    from flwr.app import Context, Error, Message
+    from flwr.common.constant import ErrorCode
+
+    from fedfusion.client.audit_mod import audit_mod
+
+    def refuse(msg: Message, context: Context) -> Message:
+        return Message(Error(ErrorCode.LOAD_CLIENT_APP_EXCEPTION, f"refused: {reason}"), reply_to=msg)
+
+    def app(message: Message, context: Context) -> Message:
+        return audit_mod(message, context, refuse)
+
+    return app
+
+
 def install_approval_check(approved: frozenset[str], on_refusal: Callable[[str], None] | None = None) -> None:
     """Make Flower's ClientApp loader (in this process) refuse FABs that are not approved.
 
-    Patches ``get_load_client_app_fn`` as seen by ``run_clientapp``; the refusal is raised as Flower's
-    ``LoadClientAppError`` so Flower replies to the server with its standard load-error message.
+    Patches ``get_load_client_app_fn`` as seen by ``run_clientapp``; for an unapproved FAB the loader
+    returns :func:`refusing_app` instead of loading anything from the bundle.
     """
-    from flwr.clientapp.client_app import LoadClientAppError
     from flwr.supernode.runtime import run_clientapp as flower_module
 
     flower_loader_factory = flower_module.get_load_client_app_fn
@@ -73,7 +92,7 @@ def install_approval_check(approved: frozenset[str], on_refusal: Callable[[str],
             except AppNotApproved as refused:
                 if on_refusal is not None:
                     on_refusal(fab_hash_str)
-                raise LoadClientAppError(str(refused)) from None
+                return refusing_app(str(refused))
             return load(fab_id, fab_version, fab_hash_str)
 
         return load_if_approved

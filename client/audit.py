@@ -17,16 +17,11 @@ Tensor *values* are never written: only name, shape, dtype, byte count and L2 no
 for a one-element tensor the norm is its magnitude, a number that left the site inside the update anyway).
 The metrics are written as sent, because they leave the site verbatim (example counts, loss, ε).
 
-``sha256`` is :func:`payload_sha256` of exactly what the reply carried, defined so that anyone holding
-the reply (the coordinator, an auditor, a test) can recompute it from the arrays and metrics alone:
-
-* for each tensor, in sorted name order: an 8-byte big-endian length, then the canonical JSON header
-  ``{"dtype": <numpy dtype.str, e.g. "<f4">, "name": ..., "shape": [...]}`` (keys sorted, no spaces);
-  an 8-byte big-endian length, then the array's bytes in C order (``np.ascontiguousarray(a).tobytes()``);
-* then an 8-byte big-endian length and the metrics as canonical JSON (keys sorted, no spaces, numpy
-  scalars as Python numbers, non-finite floats as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``).
-
-Length prefixes make the framing unambiguous (no two different payloads share a byte stream).
+``sha256`` is :func:`~fedfusion.common.reply_digest.payload_sha256` of exactly what the reply carried,
+defined (in that module) so that anyone holding the reply (the coordinator, an auditor, a test) can
+recompute it from the arrays and metrics alone. The coordinator does, for every reply it receives
+(``replies.jsonl`` in the run folder), with the same function: the two sets must be equal.
+``node_id`` is the site's Flower node id, as the coordinator sees it.
 
 Writing is safe with several writers (ClientApp processes forked per message): each line is encoded
 first, then written with a single ``os.write`` on a descriptor opened with ``O_APPEND``, then
@@ -40,7 +35,6 @@ path in the site's state folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -54,6 +48,9 @@ from typing import Any
 import numpy as np
 
 from fedfusion.common.config import ConfigError, read_site_toml
+from fedfusion.common.reply_digest import canonical as _canonical
+from fedfusion.common.reply_digest import jsonable as _jsonable
+from fedfusion.common.reply_digest import payload_sha256
 from fedfusion.common.results import fsync_dir
 
 FORMAT_VERSION = 1
@@ -86,49 +83,6 @@ def audit_path_for(site_config_path: str | Path) -> Path:
         raise ConfigError(f"{path}: [site] audit-log must be a file path")
     candidate = Path(value)
     return candidate if candidate.is_absolute() else (path.resolve().parent / candidate).resolve()
-
-
-def _jsonable(value: Any) -> Any:
-    """Metrics as plain JSON values; non-finite floats become strings so every line is strict JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool | int | str) or value is None:
-        return value
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "NaN"
-        if math.isinf(value):
-            return "Infinity" if value > 0 else "-Infinity"
-        return value
-    if isinstance(value, bytes):
-        return {"sha256": hashlib.sha256(value).hexdigest(), "nbytes": len(value)}  # never the bytes themselves
-    raise TypeError(f"metric value of type {type(value).__name__} cannot be logged")
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-
-
-def _framed(data: bytes) -> bytes:
-    return len(data).to_bytes(8, "big") + data
-
-
-def payload_sha256(tensors: Mapping[str, np.ndarray], metrics: Mapping[str, Any]) -> str:
-    """SHA-256 (hex) of a reply's tensors and metrics, as defined in this module's docstring."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
-        header = {"dtype": array.dtype.str, "name": name, "shape": list(array.shape)}
-        digest.update(_framed(_canonical(header)))
-        digest.update(_framed(array.tobytes(order="C")))
-    digest.update(_framed(_canonical(_jsonable(metrics))))
-    return digest.hexdigest()
 
 
 def _l2_norm(array: np.ndarray) -> float | str:
@@ -173,13 +127,14 @@ class AuditLog:
         message_type: str,
         site_id: str | None = None,
         epsilon: float | None = None,
+        node_id: int | None = None,
     ) -> dict[str, Any]:
         """Append one line describing a reply; return the record written.
 
         ``tensors`` maps array names to numpy arrays exactly as sent (masked integers when secure
         aggregation is on); ``metrics`` is what the reply's MetricRecord/ConfigRecord carry; ``epsilon``
         is the ε spent so far, as the reply reports it (default: the ``epsilon`` metric, if the reply
-        carries one; None when DP is off).
+        carries one; None when DP is off); ``node_id`` the site's Flower node id (written when given).
         """
         site = site_id if site_id is not None else self.site_id
         if not site:
@@ -203,6 +158,8 @@ class AuditLog:
             "epsilon": None if epsilon is None else _jsonable(float(epsilon)),
             "sha256": payload_sha256(arrays, metrics),
         }
+        if node_id is not None:
+            record["node_id"] = int(node_id)
         self._append(json.dumps(record, separators=(",", ":"), allow_nan=False).encode() + b"\n")
         return record
 
@@ -223,8 +180,6 @@ class AuditLog:
 
     def records(self) -> Iterator[dict[str, Any]]:
         return iter_records(self.path)
-
-
 
 
 def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:

@@ -38,7 +38,7 @@ from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.models import create_model
 from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, arrays_to_numpy, model_to_arrays, numpy_to_arrays
 from fedfusion.common.training import seed_everything
-from fedfusion.server.messaging import send_and_collect
+from fedfusion.server.messaging import REPLIES_FILENAME, RecordingGrid, ReplyLog, send_and_collect
 from fedfusion.server.privacy import ClientLevelDP, split_refusals
 from fedfusion.server.secure_aggregation import check_secure_compatible, run_secure_round
 from fedfusion.server.strategy import ModalityAwareFedAvg, build_strategy
@@ -133,6 +133,7 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     schema = load_schema(cfg.schema)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    grid = RecordingGrid(grid, ReplyLog(run_dir / REPLIES_FILENAME))  # every reply received: replies.jsonl
     seed_everything(cfg.seed)
     model = create_model(schema, cfg.model)
     groups = {name: group for group, names in model.parameter_groups().items() for name in names}

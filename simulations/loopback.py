@@ -116,9 +116,11 @@ class LoopbackDeployment:
         raise TimeoutError(f"{name} did not log {needles} within {timeout} s")
 
     def site_config(self, site: str, manifest: Path, *, kit: Path | None = None, ca: Path | None = None,
-                    auth: bool = True, warm: bool | None = None, max_restarts: int | None = None) -> Path:
+                    auth: bool = True, warm: bool | None = None, max_restarts: int | None = None,
+                    approved_apps: Sequence[str] | None = None) -> Path:
         """A site.toml for ``site``: insecure, or with ``kit``'s CA (``ca`` overrides it) and, with
-        ``auth``, its key."""
+        ``auth``, its key; ``approved_apps`` replaces the deployment's allow-list for this site."""
+        approved = self.approved_apps if approved_apps is None else approved_apps
         transport = "insecure = true\n"
         if self.secure:
             kit = kit or self.kits / site
@@ -131,8 +133,8 @@ class LoopbackDeployment:
             f'[coordinator]\naddress = "{self.host}:{self.port}"\n{transport}'
             f"[supernode]\nport = {free_port()}\nwarm = {str(self.warm if warm is None else warm).lower()}\n"
             + ("" if max_restarts is None else f"max-restarts = {max_restarts}\n")
-            + ("" if self.approved_apps is None or warm is False else
-               "[approval]\napps = [" + ", ".join(f'"{h}"' for h in self.approved_apps) + "]\n")
+            + ("" if approved is None or warm is False else
+               "[approval]\napps = [" + ", ".join(f'"{h}"' for h in approved) + "]\n")
             + self.site_extra.replace("{site}", site))
         return config
 

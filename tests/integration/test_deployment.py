@@ -2,15 +2,20 @@
 `fedfusion coordinator start --kit` runs flower-superlink with TLS and SuperNode authentication (and
 registers the three site keys), three `fedfusion site start` (flower-supernode) processes connect with
 their kit's CA and key, each with its own real ovarian study, and `fedfusion run` trains 2 rounds.
-The same deployment then shows that sites outside the federation are turned away. Every process is
-killed at the end, pass or fail.
+The coordinator's record of every reply it received (``replies.jsonl``) matches the sites' audit logs
+line for line. The same deployment then shows that sites outside the federation are turned away, and
+that a site which has not approved the app bundle refuses it before reading any data. Every process
+is killed at the end, pass or fail.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import signal
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,12 +70,21 @@ def test_three_sites_two_rounds_improve_every_site(deployment: tuple[LoopbackDep
     assert "SuperNode authentication is disabled" not in coordinator_log  # Flower's warning without it
     assert all(f"site {site}: registered" in coordinator_log for site in SITES), coordinator_log[-3000:]
     from fedfusion.client.audit import iter_records
+    from fedfusion.server.messaging import read_replies
 
-    # Every reply that left a site is in its audit log (the three loopback sites share one folder).
-    audited = list(iter_records(dep.folder / "audit.jsonl"))
+    # Every reply that left a site is in its audit log (the three loopback sites share one folder) exactly
+    # once, under the hash the coordinator computed for the reply it received, and nothing else is there.
+    received = read_replies(run_dir / "replies.jsonl")
+    (run_id,) = {r["run_id"] for r in received}
+    audited = [r for r in iter_records(dep.folder / "audit.jsonl") if r["run_id"] == run_id]
     for site in SITES:
-        kinds = {(r["message_type"], r["round"]) for r in audited if r["site_id"] == site}
-        assert {("evaluate", 0), ("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2)} <= kinds, kinds
+        kinds = sorted((r["round"], r["message_type"]) for r in audited if r["site_id"] == site)
+        assert kinds == [(0, "evaluate"), (1, "evaluate"), (1, "train"), (2, "evaluate"), (2, "train")], kinds
+    key = ("node_id", "round", "message_type", "sha256")
+    on_server = Counter(tuple(r[k] for k in key) for r in received)
+    at_sites = Counter(tuple(r[k] for k in key) for r in audited)
+    assert on_server == at_sites and set(on_server.values()) == {1} and len(on_server) == 5 * len(SITES)
+    assert {r["site_id"] for r in received} == set(SITES)
     site_logs = dep.logs(tail=1_000_000)
     assert all("only 1 approved app bundle(s) may run" in site_logs[f"site-{site}.log"] for site in SITES)
     sites = subprocess.run([FEDFUSION, "coordinator", "sites", "--state-dir", str(dep.state_dir),
@@ -130,3 +144,72 @@ def test_sites_outside_the_federation_are_refused(deployment: tuple[LoopbackDepl
     assert "certificate verify failed" in logs["site-wrong-ca.log"].lower(), logs["site-wrong-ca.log"]
     for site in SITES:  # the federation's own sites are still connected
         assert dep.sites[site].poll() is None, logs[f"site-{site}.log"]
+
+
+def _wait_for_text(path: Path, needle: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and needle in path.read_text():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{path} did not log {needle!r} within {timeout} s")
+
+
+def test_an_unapproved_app_is_refused_before_any_data_is_read(deployment: tuple[LoopbackDeployment, Path]) -> None:
+    """A federation site restarts with an allow-list that lacks the run's bundle, then its data goes
+    away (after its preflight read it). A DP run: the site answers every message with the approval
+    reason, not a data error; the refusals are in its audit log and reach the coordinator under the
+    same hashes; its privacy ledger is never charged, while the other two sites train and are charged."""
+    from fedfusion.client.approval import fab_hash
+    from fedfusion.client.audit import iter_records
+    from fedfusion.server.coordinator import default_app_dir
+    from fedfusion.server.messaging import read_replies
+
+    dep, root = deployment
+    site, bundle = SITES[2], fab_hash(default_app_dir())
+    began = time.monotonic()
+    dep.kill(dep.sites[site], signal.SIGTERM)
+    stopped = time.monotonic()
+    dep.start_site(site, dep.site_manifests[site], approved_apps=["f" * 64])
+    _wait_for_text(dep.folder / f"site-{site}.log", '"event": "started"')  # its preflight read the data and passed
+    manifest = dep.site_manifests[site]
+    away = manifest.with_name(manifest.name + ".away")
+    manifest.rename(away)  # the site's data cannot be read from now on
+    _wait_for_text(dep.folder / f"site-{site}.log", "only 1 approved app bundle(s) may run")  # ready to answer
+    print(f"site stopped in {stopped - began:.1f} s, restarted in {time.monotonic() - stopped:.1f} s")
+    run_dir = root / "unapproved-run"
+    try:
+        run_began = time.monotonic()
+        done = dep.run(run_dir, rounds=1, settings={"local-epochs": 1, "round-timeout": 300, "dp-mode": "sample",
+                                                    "dp-noise-multiplier": 1.0, "target-epsilon": 50.0,
+                                                    "study": "approval-test"}, timeout=600)
+        print(f"the run took {time.monotonic() - run_began:.1f} s")
+    finally:
+        away.rename(manifest)
+        site_log = (dep.folder / f"site-{site}.log").read_text()  # restarting the site starts a new log
+        dep.kill(dep.sites[site], signal.SIGTERM)
+        dep.start_site(site, manifest)  # the federation's site as it was (approving the bundle)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:], dep.logs())
+
+    reason = f"refused: this site has not approved app bundle sha256={bundle}"
+    received = read_replies(run_dir / "replies.jsonl")
+    (run_id,) = {r["run_id"] for r in received}
+    refusals = [r for r in iter_records(dep.folder / "audit.jsonl") if r["run_id"] == run_id and r["site_id"] == site]
+    # Round 0 may have gone to the site's previous SuperNode (still listed for a moment after its stop, so
+    # the SuperLink answers for it); from round 1 on the restarted site answers everything, with refusals.
+    kinds = sorted((r["round"], r["message_type"]) for r in refusals)
+    assert kinds in ([(0, "evaluate"), (1, "evaluate"), (1, "train")], [(1, "evaluate"), (1, "train")]), refusals
+    assert all(r["metrics"]["error"].startswith(reason) and not r["tensors"] for r in refusals), refusals
+    node = refusals[0]["node_id"]
+    assert sorted(r["sha256"] for r in received if r["node_id"] == node) == sorted(r["sha256"] for r in refusals)
+    assert all(r["error"] for r in received if r["node_id"] == node)
+    rejected = json.loads((run_dir / "summary.json").read_text())["rejected_replies"]
+    assert any(reason in str(r.get("reason")) for r in rejected), rejected  # the coordinator knows why
+
+    assert f"REFUSED run: app bundle sha256={bundle}" in site_log
+    assert "only 1 approved app bundle(s) may run" in site_log
+    assert manifest.name not in site_log.split('"event": "started"', 1)[1]  # no data error after the preflight
+    # The loopback sites keep their ledgers beside their site.toml files, all in one folder (one file).
+    ledger = json.loads((dep.folder / "privacy-ledger.json").read_text())["studies"]["approval-test"]["entries"]
+    charged = sorted(e.get("site") for e in ledger if e.get("run") == run_id)
+    assert charged == sorted(SITES[:2]), ledger  # the two approving sites trained under DP; the refusing one never

@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from flwr.clientapp.client_app import LoadClientAppError
 
 from fedfusion.client.approval import (
     AppNotApproved,
@@ -22,8 +21,14 @@ GOOD = "a" * 64
 REPO = Path(__file__).resolve().parents[3]
 
 
-def test_unapproved_bundle_is_refused_before_flower_loads_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unapproved_bundle_is_refused_before_flower_loads_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import flwr.supernode.runtime.run_clientapp as flower_module
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedfusion.client.audit import iter_records
+    from fedfusion.common.reply_digest import reply_sha256
 
     loaded: list[str] = []
     monkeypatch.setattr(flower_module, "get_load_client_app_fn",
@@ -32,9 +37,20 @@ def test_unapproved_bundle_is_refused_before_flower_loads_it(monkeypatch: pytest
     install_approval_check(frozenset({GOOD}), on_refusal=refused.append)
     load = flower_module.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
     assert load("fedfusion/fedfusion", "0.1.0", GOOD) == "app"
-    with pytest.raises(LoadClientAppError, match="has not approved app bundle sha256=" + "b" * 64):
-        load("fedfusion/fedfusion", "0.1.0", "b" * 64)
-    assert loaded == [GOOD] and refused == ["b" * 64]
+    app = load("fedfusion/fedfusion", "0.1.0", "b" * 64)
+    assert loaded == [GOOD] and refused == ["b" * 64]  # nothing was loaded from the unapproved bundle
+
+    # The stand-in answers with the approval reason, and the reply is in the audit log first.
+    for attr, value in (("_task_id", 1), ("_run_id", 3), ("_node_id", 8)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    log = tmp_path / "audit.jsonl"
+    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=8, message_type="train")
+    reply = app(message=msg, context=Context(run_id=3, node_id=8, node_config={"audit-log": str(log), "site-id": "A"},
+                                             state=RecordDict(), run_config={}))
+    assert reply.has_error() and reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+    assert reply.error.reason.startswith("refused: this site has not approved app bundle sha256=" + "b" * 64)
+    (record,) = list(iter_records(log))
+    assert record["metrics"] == {"error": reply.error.reason} and record["sha256"] == reply_sha256(reply)
 
 
 def test_empty_allow_list_approves_nothing() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,9 @@ def test_a_train_reply_is_recorded_with_shapes_norms_and_hash_not_values(tmp_pat
     assert record["site_id"] == "A" and record["run_id"] == 99 and record["round"] == 4
     assert record["message_type"] == "train" and record["epsilon"] == pytest.approx(0.7)
     assert record["tensors"][0]["name"] == "arrays/head.weight" and record["tensors"][0]["shape"] == [3, 2]
-    assert record["metrics"]["site/share"] == {"bytes": 48}  # ciphertext sizes, never their bytes
+    # ciphertexts: size and hash, never their bytes
+    assert record["metrics"]["site/share"] == {"nbytes": 48, "sha256": hashlib.sha256(b"\x00" * 48).hexdigest()}
+    assert record["node_id"] == 7
     assert str(DISTINCT)[:8] not in log.read_text()
     tensors = {"arrays/head.weight": reply.content.array_records["arrays"]["head.weight"].numpy()}
     assert record["sha256"] == payload_sha256(tensors, record["metrics"])
@@ -78,3 +81,35 @@ def test_a_log_that_cannot_be_written_stops_the_reply(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         audit_mod(_incoming(), _context({"audit-log": str(blocked / "audit.jsonl"), "site-id": "A"}),
                   lambda m, c: _reply_to(m))
+
+
+def test_the_coordinator_recomputes_the_audit_hash_from_the_reply_it_received(tmp_path: Path) -> None:
+    """The reply crosses the wire as Flower's object tree; what the coordinator inflates hashes (with the
+    shared reply_sha256) to exactly the audit line's sha256, ciphertext lists and error replies included."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    from fedfusion.common.reply_digest import reply_sha256
+
+    def with_ciphertexts(msg: Message) -> Message:
+        reply = _reply_to(msg)
+        reply.content["bundles"] = ConfigRecord({"to": [b"\x01" * 16, b"\x02" * 20]})
+        return reply
+
+    log = tmp_path / "audit.jsonl"
+    handlers = [with_ciphertexts, lambda m: Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "refused: x"),
+                                                    reply_to=m)]
+    received = []
+    for handler in handlers:
+        sent = audit_mod(_incoming(), _context({"audit-log": str(log), "site-id": "A"}), lambda m, c, h=handler: h(m))
+        contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(sent).items()}
+        received.append(reply_sha256(inflate_object_from_contents(sent.object_id, contents)))
+    records = list(iter_records(log))
+    assert [r["sha256"] for r in records] == received and len(set(received)) == 2
+    assert records[0]["metrics"]["bundles/to"]["items"] == 2 and records[1]["metrics"] == {"error": "refused: x"}
+    # Changing one ciphertext byte changes the hash: the list is bound by content, not only by size.
+    changed = _reply_to(_incoming())
+    changed.content["bundles"] = ConfigRecord({"to": [b"\x01" * 16, b"\x03" * 20]})
+    assert reply_sha256(changed) != received[0]
