@@ -8,7 +8,10 @@ Where the site's data comes from:
 - deployment: the SuperNode's node config names it
   (``--node-config 'manifest="/data/site.csv" schema="/kit/schema.json" site-id="A"'``);
 - simulation: ``partition-id`` picks one of the run config's ``sites`` and its manifest
-  ``<data-dir>/site-<name>.csv``.
+  ``<data-dir>/site-<name>.csv``;
+- scale simulation (``scale-sites`` > 0): ``partition-id`` is a virtual site whose rows are drawn on
+  demand from the pooled ``<data-dir>/manifest.csv`` (``simulations/scale_sites.py``); at most
+  ``scale-cache-size`` such runtimes stay built per process, however many sites the run has.
 
 The site's privacy policy comes the same two ways (:func:`site_policy`): ``privacy-*`` node-config
 keys written by ``fedfusion site start`` from ``site.toml``'s ``[privacy]`` table, or, for simulated
@@ -55,6 +58,7 @@ from fedfusion.common.training import (
     seed_everything,
     train_epochs,
 )
+from fedfusion.simulations.scale_sites import BoundedRuntimeCache, ScaleSiteSource, build_virtual_site
 
 
 def round_schedule(cfg: TrainConfig, server_round: int) -> dict[str, int]:
@@ -98,16 +102,31 @@ class SiteRuntime:
     train_set: MultimodalDataset
     test_set: MultimodalDataset
     modality_counts: dict[str, int] = field(default_factory=dict)
+    # Virtual sites (scale mode) share one model object per process: every message loads the server's
+    # full state dict into it, so building the architecture again per site only costs time.
+    reuse_model: bool = False
 
     @property
     def seed_offset(self) -> int:
         """A stable per-site number, so each site's randomness differs but reproduces."""
         return zlib.crc32(self.site_id.encode()) % 100_000
 
-    def build_model(self, cfg: ModelConfig) -> torch.nn.Module:
+    def build_model(self, cfg: ModelConfig, *, fresh: bool = False) -> torch.nn.Module:
         """The run's architecture (freezing included); its weights always arrive from the server, so
-        ``pretrained_path`` is not read here: only the coordinator needs the weights file."""
-        return create_model(self.schema, replace(cfg, pretrained_path=None))
+        ``pretrained_path`` is not read here: only the coordinator needs the weights file.
+
+        ``fresh`` forces a new object even for a virtual site (DP-SGD attaches Opacus hooks to it).
+        A reused model is only correct because the caller loads every weight and buffer into it
+        strictly (``arrays_to_model``) before use.
+        """
+        cfg = replace(cfg, pretrained_path=None)
+        if not self.reuse_model or fresh:
+            return create_model(self.schema, cfg)
+        key = (id(self.schema), cfg)
+        if _SHARED_MODEL.get("key") != key:
+            _SHARED_MODEL.clear()
+            _SHARED_MODEL.update(key=key, model=create_model(self.schema, cfg), schema=self.schema)
+        return _SHARED_MODEL["model"]
 
     def train(self, model: torch.nn.Module, cfg: TrainConfig, server_round: int,
               proximal_mu: float = 0.0, privacy: RoundPrivacy | None = None) -> dict[str, float]:
@@ -218,6 +237,8 @@ def site_from_context(node_config: dict[str, Any], run_config: dict[str, Any]) -
             partition = int(partition)
         if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
             raise ConfigError(f"node config partition-id must be a whole number >= 0, got {partition!r}")
+        if int(run_config.get("scale-sites", 0) or 0) > 0:
+            return virtual_site(run_config, partition, device)
         missing = [key for key in ("data-dir", "schema") if not run_config.get(key)]
         if missing:
             raise ConfigError(f"simulation partition {partition}: run config needs {missing}")
@@ -228,6 +249,28 @@ def site_from_context(node_config: dict[str, Any], run_config: dict[str, Any]) -
         return load_site(str(manifest), str(run_config["schema"]), site, device)
     raise ConfigError("this SuperNode has no site data: start it with --node-config "
                       "'manifest=\"/path/site.csv\" schema=\"/path/schema.json\" site-id=\"NAME\"'")
+
+
+#: The one model object virtual sites of this process share (``SiteRuntime.reuse_model``); the
+#: schema is kept alongside so that ``id(schema)`` in the key cannot be reused by another object.
+_SHARED_MODEL: dict[str, Any] = {}
+
+#: Runtimes of virtual sites (scale mode) in this process; bounded by ``scale-cache-size``.
+_VIRTUAL_SITES = BoundedRuntimeCache(1)
+
+
+def virtual_site(run_config: Mapping[str, Any], partition: int, device: str = "auto") -> SiteRuntime:
+    """Scale mode: virtual site ``partition``, drawn from the pooled manifest and built on demand
+    (``simulations/scale_sites.py``); at most ``scale-cache-size`` of them stay built per process."""
+    source = ScaleSiteSource.from_run_config(run_config)
+    assert source is not None  # the caller checked scale-sites > 0
+    return _VIRTUAL_SITES.get((source, partition, device), lambda: build_virtual_site(source, partition, device),
+                              size=source.cache_size)
+
+
+def resident_site_runtimes() -> int:
+    """Site runtimes this process holds now (real sites' ``load_site`` cache plus virtual sites)."""
+    return load_site.cache_info().currsize + len(_VIRTUAL_SITES)
 
 
 def site_policy(node_config: Mapping[str, Any], run_config: Mapping[str, Any], site_id: str) -> PrivacyPolicy:

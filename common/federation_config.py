@@ -32,6 +32,11 @@ DEFAULTS: dict[str, Any] = {
     "resume": False,
     "data-dir": "",
     "sites": "",
+    # Scale simulation (simulations/scale_sites.py): > 0 virtual sites drawn from <data-dir>/manifest.csv
+    "scale-sites": 0,
+    "scale-rows-per-site": 50,  # distinct real rows per virtual site (reused ACROSS sites: with replacement)
+    "scale-test-fraction": 0.2,  # per-site test share, stratified by the target (>= 1 row)
+    "scale-cache-size": 1,  # virtual-site runtimes kept built per process (LRU)
     "local-epochs": 2,
     "local-batch-size": 64,
     "local-lr": 1e-3,
@@ -82,7 +87,7 @@ _UNPREFIXED_TRAIN_KEYS = ("lr_schedule", "lr_warmup", "lr_step_size", "lr_gamma"
                           "backbone_lr_scale")
 
 # Keys that may differ between an interrupted run and its resumption without changing the result.
-_RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds", "secagg-timeout")
+_RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds", "secagg-timeout", "scale-cache-size")
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                           rounds=args.rounds, strategy=args.strategy, fusion=args.fusion,
                           local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           baselines=not args.no_baselines, baseline_epochs=args.baseline_epochs, device=args.device,
-                          gpus_per_site=args.gpus_per_site, partition_options=_partition_options(args))
+                          gpus_per_site=args.gpus_per_site, partition_options=_partition_options(args),
+                          scale_sites=args.scale_sites, rows_per_site=args.rows_per_site,
+                          fraction_train=args.fraction_train, fraction_evaluate=args.fraction_evaluate,
+                          ray_address=args.ray_address)
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]federated rounds[/]"), BarColumn(), TextColumn("{task.description}"),
                   TimeElapsedColumn(), console=console) as progress:
@@ -517,6 +520,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--baseline-epochs", type=int, default=30)
     sim.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     sim.add_argument("--gpus-per-site", type=float, default=0.0, help="GPU share per simulated site (Ray)")
+    sim.add_argument("--scale-sites", type=int, default=0,
+                     help="> 0: this many VIRTUAL sites, each drawing --rows-per-site real rows on demand "
+                          "(with replacement across sites; no baselines); see simulations/scale_sites.py")
+    sim.add_argument("--rows-per-site", type=int, default=50, help="scale mode: distinct real rows per site")
+    sim.add_argument("--fraction-train", type=float, default=1.0, help="share of sites sampled to train per round")
+    sim.add_argument("--fraction-evaluate", type=float, default=1.0,
+                     help="share of sites sampled to evaluate per round")
+    sim.add_argument("--ray-address", default="",
+                     help="run on an existing Ray cluster (HOST:6379 or auto; default: $RAY_ADDRESS, else a private "
+                          "local Ray); see docs/ray-cluster.md")
     sim.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<partition>-<strategy>)")
     sim.set_defaults(func=_cmd_simulate)
 

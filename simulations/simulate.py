@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedfusion.common.config import ModelConfig, TrainConfig, load_schema
+from fedfusion.common.config import ConfigError, ModelConfig, TrainConfig, load_schema
 from fedfusion.common.data import MultimodalDataset, Preprocessor
 from fedfusion.common.manifest import Manifest, load_manifest
 from fedfusion.common.plots import plot_bars
@@ -35,6 +35,7 @@ from fedfusion.common.training import (
 from fedfusion.simulations.datasets import build_dataset
 from fedfusion.simulations.local_training import run_local_training
 from fedfusion.simulations.partition import partition_manifest
+from fedfusion.simulations.scale_sites import POOLED_MANIFEST
 
 log = logging.getLogger("fedfusion.simulate")
 
@@ -61,13 +62,28 @@ class SimulationSpec:
     gpus_per_site: float = 0.0
     # keyword options of partition_manifest (alpha, missing_modality, shift_feature, ...); see partition.py
     partition_options: dict[str, Any] = field(default_factory=dict)
+    # Scale mode (simulations/scale_sites.py): > 0 virtual sites drawn from the pooled manifest on demand,
+    # instead of `partition` into num_sites manifest files; baselines are skipped (no per-site files).
+    scale_sites: int = 0
+    rows_per_site: int = 50
+    fraction_train: float = 1.0  # share of sites sampled to train each round (Flower samples them)
+    fraction_evaluate: float = 1.0
+    # An existing Ray cluster ("host:6379", "auto"); "" = the RAY_ADDRESS variable, else a private local Ray
+    ray_address: str = ""
 
 
 def prepare_sites(spec: SimulationSpec) -> tuple[Path, dict[str, Path]]:
-    """Build the data set into ``out_dir/data`` and write one manifest per site."""
+    """Build the data set into ``out_dir/data`` and write one manifest per site (none in scale mode:
+    virtual sites are drawn from the pooled manifest when they are sampled)."""
     data_dir = spec.out_dir / "data"
     schema_path = build_dataset(spec.dataset, data_dir, seed=spec.seed)
     schema = load_schema(schema_path)
+    if spec.scale_sites > 0:
+        pooled = load_manifest(data_dir / POOLED_MANIFEST, schema, check_images=False)
+        if spec.rows_per_site > len(pooled):
+            raise ConfigError(f"{pooled.path}: rows_per_site = {spec.rows_per_site} but the data set has only "
+                              f"{len(pooled)} rows (rows are distinct within a virtual site)")
+        return schema_path, {}
     sites = partition_manifest(data_dir / "manifest.csv", schema, spec.partition, spec.num_sites, spec.seed,
                                **spec.partition_options)
     for site, path in sites.items():  # fail here, with the file and line, not inside a Ray worker
@@ -76,20 +92,53 @@ def prepare_sites(spec: SimulationSpec) -> tuple[Path, dict[str, Path]]:
     return schema_path, sites
 
 
+def num_simulated_sites(spec: SimulationSpec, sites: dict[str, Path]) -> int:
+    """How many SuperNodes the simulation runtime starts: one per site file, or the virtual sites."""
+    return spec.scale_sites if spec.scale_sites > 0 else len(sites)
+
+
 def run_config_for(spec: SimulationSpec, schema_path: Path, sites: dict[str, Path]) -> dict[str, Any]:
-    return {
-        "num-server-rounds": spec.rounds, "strategy": spec.strategy, "min-sites": len(sites),
+    total = num_simulated_sites(spec, sites)
+    # Flower samples max(fraction x available, min-sites) nodes, so min-sites must not exceed a sample.
+    fractions = [f for f in (spec.fraction_train, spec.fraction_evaluate) if f > 0]
+    min_sites = max(1, min(int(total * f) for f in fractions)) if fractions else total
+    config = {
+        "num-server-rounds": spec.rounds, "strategy": spec.strategy, "min-sites": min(min_sites, total),
         "seed": spec.seed, "schema": str(schema_path), "run-dir": str(spec.out_dir / "federated"),
         "data-dir": str(schema_path.parent), "sites": ",".join(sites), "fusion": spec.fusion,
         "local-epochs": spec.local_epochs, "local-batch-size": spec.batch_size, "local-lr": spec.lr,
-        "local-device": spec.device,
+        "local-device": spec.device, "fraction-train": spec.fraction_train,
+        "fraction-evaluate": spec.fraction_evaluate,
     }
+    if spec.scale_sites > 0:
+        config.update({"scale-sites": spec.scale_sites, "scale-rows-per-site": spec.rows_per_site})
+    return config
+
+
+def ray_init_args(ray_address: str = "", num_cpus: int | None = None) -> dict[str, Any]:
+    """``ray.init`` arguments for Flower's Ray backend.
+
+    With an address (argument, else the ``RAY_ADDRESS`` variable) the driver joins that existing
+    cluster, whose resources were fixed by ``ray start``: Ray refuses ``num_cpus`` then ("When
+    connecting to an existing cluster, num_cpus and num_gpus must not be provided"). Without one, a
+    private Ray instance gets ``num_cpus`` cores (default: all of this machine's).
+    """
+    address = ray_address or os.environ.get("RAY_ADDRESS", "")
+    args: dict[str, Any] = {"include_dashboard": False, "logging_level": "ERROR"}
+    if address:
+        return {**args, "address": address}
+    return {**args, "num_cpus": int(num_cpus or os.cpu_count() or 2)}
 
 
 def run_simulated_federation(run_config: dict[str, Any], num_sites: int, *, cpus_per_site: int = 1,
                              gpus_per_site: float = 0.0,
-                             on_round: Callable[[dict[str, Any]], None] | None = None) -> Any:
-    """Run the ServerApp + ClientApps in Flower's simulation runtime; return the FederationResult."""
+                             on_round: Callable[[dict[str, Any]], None] | None = None,
+                             ray_address: str = "", num_cpus: int | None = None) -> Any:
+    """Run the ServerApp + ClientApps in Flower's simulation runtime; return the FederationResult.
+
+    ``ray_address`` (or ``RAY_ADDRESS``) runs the sites on an existing Ray cluster (docs/ray-cluster.md);
+    ``num_cpus`` caps a private local Ray (an existing cluster's size was fixed by ``ray start``).
+    """
     from flwr.simulation import run_simulation
 
     from fedfusion.client.app import make_client_app
@@ -98,9 +147,8 @@ def run_simulated_federation(run_config: dict[str, Any], num_sites: int, *, cpus
     box: dict[str, Any] = {}
     server = make_server_app(run_config, on_round=on_round, on_done=lambda r: box.setdefault("result", r))
     client = make_client_app(run_config)
-    cores = os.cpu_count() or 2
     backend = {"client_resources": {"num_cpus": int(cpus_per_site), "num_gpus": float(gpus_per_site)},
-               "init_args": {"num_cpus": cores, "include_dashboard": False, "logging_level": "ERROR"}}
+               "init_args": ray_init_args(ray_address, num_cpus)}
     run_simulation(server_app=server, client_app=client, num_supernodes=num_sites, backend_config=backend)
     if "result" not in box:
         raise RuntimeError("the simulated federation ended without a result; see the log above")
@@ -150,15 +198,16 @@ def simulate(spec: SimulationSpec, on_round: Callable[[dict[str, Any]], None] | 
     schema = load_schema(schema_path)
     metric = primary_metric(schema)
     run_config = run_config_for(spec, schema_path, sites)
-    result = run_simulated_federation(run_config, len(sites), cpus_per_site=spec.cpus_per_site,
-                                      gpus_per_site=spec.gpus_per_site, on_round=on_round)
+    result = run_simulated_federation(run_config, num_simulated_sites(spec, sites), cpus_per_site=spec.cpus_per_site,
+                                      gpus_per_site=spec.gpus_per_site, on_round=on_round,
+                                      ray_address=spec.ray_address)
     final = [m for m in result.site_metrics if m["phase"] == "evaluate" and m["round"] == spec.rounds]
     initial = {m["site"]: m.get(metric, float("nan")) for m in result.site_metrics
                if m["phase"] == "evaluate" and m["round"] == 0}
     comparison = [{"site": m["site"], "method": f"federated ({spec.strategy})", metric: m.get(metric, float("nan"))}
                   for m in final]
     comparison += [{"site": s, "method": "initial model (round 0)", metric: v} for s, v in initial.items()]
-    if spec.baselines:
+    if spec.baselines and spec.scale_sites == 0:
         comparison += run_baselines(spec, schema_path, sites)
     return write_study_report(spec, schema.name, metric, comparison, result)
 
@@ -182,17 +231,24 @@ def write_study_report(spec: SimulationSpec, schema_name: str, metric: str, comp
     write_json(out / "summary.json", {"dataset": spec.dataset, "partition": spec.partition, "metric": metric,
                                       "rounds": spec.rounds, "strategy": spec.strategy, "fusion": spec.fusion,
                                       "mean_over_sites": {m: means[m] for m in methods},
+                                      "scale_sites": spec.scale_sites,
+                                      # the cluster the sites ran on ("" = a private local Ray instance)
+                                      "ray_address": ray_init_args(spec.ray_address).get("address", ""),
                                       "federated_rounds": result.rounds})
     plot_bars({m: means[m] for m in methods}, out / f"methods_{metric}.png", ylabel=f"mean {metric} over sites",
               title=f"{schema_name}: {spec.partition} split")
     lines = [
-        f"# fedfusion study: {schema_name}, {spec.partition} split, {len(sites)} sites", "",
+        (f"# fedfusion study: {schema_name}, scale mode, {spec.scale_sites} virtual sites" if spec.scale_sites > 0
+         else f"# fedfusion study: {schema_name}, {spec.partition} split, {len(sites)} sites"), "",
         f"Each cell is the test-split {metric} of one site. Federated = the global model after "
         f"{spec.rounds} rounds of {spec.strategy} ({spec.local_epochs} local epochs, fusion `{spec.fusion}`); "
         "pooled = one model trained on all sites' training rows (what no hospital may do); local-only = "
-        "each site alone. Partition "
-        + ("`natural`: real sites of the data set." if spec.partition == "natural" else
-           f"`{spec.partition}`: SIMULATED sites."), "",
+        "each site alone. "
+        + (f"Scale mode: {spec.scale_sites} VIRTUAL sites of {spec.rows_per_site} real rows each, drawn with "
+           "replacement across sites (simulations/scale_sites.py); only the sites sampled for evaluation "
+           "appear below (a different sample each round), and there are no baselines." if spec.scale_sites > 0
+           else "Partition " + ("`natural`: real sites of the data set." if spec.partition == "natural" else
+                                f"`{spec.partition}`: SIMULATED sites.")), "",
         markdown_table(table, digits=3), "",
         f"Per-round federated metrics: `federated/metrics.csv`, plot `federated/global_{metric}_per_round.png`, "
         f"per-site metrics `federated/site_metrics.csv`, global model `federated/model.pt`.", "",
