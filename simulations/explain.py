@@ -17,7 +17,8 @@ Outputs (``--out``, default ``RUN_DIR/explain``):
   are reported as such.
 - ``gradcam/site-<site>-<case>.png`` + ``gradcam.csv``: Grad-CAM of the image encoder
   (:mod:`fedfusion.simulations.gradcam`) for the first ``n_cases`` test cases with an image at each
-  site, with each map's centre of mass and peak (pixels) and the explained class.
+  site, with each map's centre of mass and peak (pixels) and the explained class: the positive
+  class for a binary task (where the evidence for it is, in every case), else the predicted class.
 - ``permutation_importance.csv`` / ``.png``: drop of the site's primary metric (AUC or C-index) on
   its test split when one clinical column, one omics feature or a whole modality is shuffled among
   the test rows that have it; ``n_repeats`` shuffles, mean +/- sd. A numeric column is shuffled
@@ -319,7 +320,7 @@ def _gradcam_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str
         if len(have) == 0:
             continue
         batch = {k: v[torch.from_numpy(have)] for k, v in tensors.items()}
-        cams, targets = grad_cam(model, batch, layer)
+        cams, targets = grad_cam(model, batch, layer, target=_explained_class(schema))
         frame = test.manifest.frame
         for k, (row, cam, target) in enumerate(zip(have, cams, targets, strict=True)):
             case = str(frame["case_id"].iloc[int(test.rows[row])])
@@ -337,6 +338,21 @@ def _gradcam_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str
               f"{schema.image.size[1]}x{schema.image.size[0]} input.", "", markdown_table(rows, digits=1), ""]
     lines += [f"![{r['site']} {r['case_id']}]({r['png']})" for r in rows]
     return lines + [""]
+
+
+def _explained_class(schema: Schema) -> int | None:
+    """The class every Grad-CAM explains: the positive class (the second, as for the AUC) of a binary
+    task, else each case's predicted class.
+
+    Why not always the predicted class: for a case predicted negative the map shows where the
+    *negative* evidence is, and in an image that is often the absence of the lesion -- on
+    wdbc-multimodal a 'benign' map is a ring on the background around a small nucleus -- which
+    reads as "the model looks beside the nucleus". The positive class's map answers the question a
+    clinician asks of every case: where is the evidence for disease.
+    """
+    if schema.has_classification and len(schema.classes) == 2:
+        return 1
+    return None
 
 
 def _importance_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str, torch.Tensor]]], schema: Schema,

@@ -393,7 +393,8 @@ def write_modality_subset(schema: Schema, data_dir: Path, sites: dict[str, Path]
         try:
             manifest = load_manifest(target, restricted, check_images=False)
         except ManifestError as err:
-            skipped[site] = str(err).splitlines()[0]
+            lines = str(err).splitlines()  # "N problem(s) in ...:" then one "  - path: what" per problem
+            skipped[site] = lines[1].strip().removeprefix("- ") if len(lines) > 1 else lines[0]
             continue
         if len(manifest.rows("test")) == 0:
             skipped[site] = "no test rows"

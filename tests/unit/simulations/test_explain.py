@@ -24,7 +24,14 @@ from fedfusion.simulations.explain import (
     permutation_importance,
     split_tensors,
 )
-from fedfusion.simulations.gradcam import find_target_layer, grad_cam
+from fedfusion.simulations.gradcam import (
+    CellGrid,
+    cam_to_pixels,
+    find_target_layer,
+    grad_cam,
+    stretched_grid,
+    trace_cell_grid,
+)
 from fedfusion.simulations.local_training import run_local_training
 from tests.sitegen import make_site
 
@@ -102,6 +109,56 @@ def test_grad_cam_finds_a_timm_cnn_layer_and_skips_vision_transformers() -> None
                               image=ImageSpec(size=(32, 32), channels=1)),
                        ModelConfig(fusion="concat", image_backbone="vit_tiny_patch16_224"))
     assert find_target_layer(vit.encoders["image"].backbone, 1, (32, 32)) is None
+
+
+def _traced(backbone: torch.nn.Module, layer: torch.nn.Module, size: int = 64) -> CellGrid | None:
+    image = torch.rand(2, 1, size, size)
+    return trace_cell_grid(backbone, image, layer, lambda: backbone(image))
+
+
+def test_cell_grid_follows_each_layers_padding_and_stride() -> None:
+    # cnn_small: 3x3 convs padded by 1, stride 2 in the last three -> cell i centred on pixel 8 i
+    small = create_model(Schema(name="img", task="classification", classes=("a", "b"),
+                                image=ImageSpec(size=(64, 64), channels=1)), ModelConfig(fusion="concat"))
+    backbone = small.encoders["image"].backbone
+    assert _traced(backbone, find_target_layer(backbone, 1, (64, 64))[1]) == CellGrid((8.0, 8.0), (0.0, 0.0))
+    # unpadded: a 3x3 stride-2 conv centres cell i on 2 i + 1; a 2x2 max-pool then on 4 i + 1 + 1
+    conv, pool = torch.nn.Conv2d(1, 2, 3, stride=2), torch.nn.MaxPool2d(2)
+    assert _traced(torch.nn.Sequential(conv, pool), pool) == CellGrid((4.0, 4.0), (2.0, 2.0))
+    # ResNet: the strided 1x1 shortcut runs on the block's input and is not followed
+    resnet = create_model(Schema(name="img", task="classification", classes=("a", "b"),
+                                 image=ImageSpec(size=(64, 64), channels=1)),
+                          ModelConfig(fusion="concat", image_backbone="resnet18")).encoders["image"].backbone
+    assert _traced(resnet, find_target_layer(resnet, 1, (64, 64))[1]) == CellGrid((32.0, 32.0), (0.0, 0.0))
+    # a layer the forward pass never reaches along the chain: no grid, callers stretch
+    assert _traced(torch.nn.Sequential(conv), torch.nn.Conv2d(2, 2, 3)) is None
+
+
+def test_cam_to_pixels_puts_a_cell_on_its_centre_where_stretching_missed_it_by_half_a_cell() -> None:
+    cam = torch.zeros(1, 1, 8, 8)
+    cam[0, 0, 3, 5] = 1.0  # row 3, column 5: centred on pixel (y, x) = (24, 40) for cnn_small
+
+    placed = cam_to_pixels(cam, (64, 64), CellGrid((8.0, 8.0), (0.0, 0.0)))[0]
+    stretched = cam_to_pixels(cam, (64, 64), stretched_grid((64, 64), (8, 8)))[0]
+
+    assert placed.shape == (64, 64)
+    assert np.unravel_index(int(placed.argmax()), placed.shape) == (24, 40) and float(placed[24, 40]) == 1.0
+    assert float(placed[28, 44]) == pytest.approx(0.25)  # bilinear between cell centres
+    # the stretched layout equals F.interpolate(align_corners=False): its peak sits 3.5 px further on
+    expected = torch.nn.functional.interpolate(cam, size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+    torch.testing.assert_close(stretched, expected, atol=1e-6, rtol=0)
+    ys, xs = np.nonzero((stretched == stretched.max()).numpy())
+    assert (ys.mean(), xs.mean()) == (27.5, 43.5)
+
+
+def test_grad_cam_explains_the_class_asked_for(image_batch: tuple) -> None:
+    model, batch, _ = image_batch
+    _, layer = find_target_layer(model.encoders["image"].backbone, 1, (32, 32))
+    _, predicted = grad_cam(model, batch, layer)
+    with torch.no_grad():
+        assert (predicted == model(batch)["logits"].argmax(dim=1).numpy()).all()
+    _, fixed = grad_cam(model, batch, layer, target=1)
+    assert (fixed == 1).all()
 
 
 @pytest.mark.parametrize("fusion", ["attention", "gated", "late"])
