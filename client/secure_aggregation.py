@@ -39,10 +39,11 @@ from fedfusion.common.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
-    MODALITY_COUNT_KEYS,
     NUM_EXAMPLES,
     SITE_KEY,
     arrays_to_numpy,
+    is_modality_count_key,
+    modality_count,
     numpy_to_arrays,
     refusal_reason,
 )
@@ -92,7 +93,6 @@ STATE_UPDATE = "secagg-update"
 STATE_ROUND = "secagg-round-info"
 """context.state ConfigRecord: this site's per-group weights (example counts), site id and round."""
 _STATE_KEYS = (STATE_CLIENT, STATE_UPDATE, STATE_ROUND)
-_ALLOWED_WEIGHT_KEYS = {NUM_EXAMPLES, *MODALITY_COUNT_KEYS.values()}
 
 
 def refuse_unmasked_update(config_fn: ConfigFn) -> Mod:
@@ -150,7 +150,9 @@ def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallab
         return reply  # an error or a privacy refusal carries no update
     trained = arrays_to_numpy(reply.content[ARRAYS_KEY])
     metrics = reply.content[METRICS_KEY]
-    weights = {group: float(metrics.get(key, 0.0)) for group, key in weight_keys.items()}
+    # a shared multi-sequence image encoder has no count of its own: modality_count sums its sequences'
+    weights = {group: float(metrics.get(key, 0.0)) if key == NUM_EXAMPLES else modality_count(metrics, group)
+               for group, key in weight_keys.items()}
     for group, weight in weights.items():
         if weight > config.weight_bound:
             raise ValueError(f"this site reports {weight:g} examples for '{group}', above the run's "
@@ -229,7 +231,8 @@ def check_layout(layout: VectorLayout, weight_keys: Mapping[str, str], current: 
         differ = sorted(set(entries).symmetric_difference(expected)) or sorted(
             name for name in entries if entries[name] != expected[name])
         raise ProtocolViolation(f"the secure-aggregation layout does not match the global model: {differ[:5]}")
-    if set(weight_keys) != set(layout.groups) or not set(weight_keys.values()) <= _ALLOWED_WEIGHT_KEYS:
+    by_counts = all(k == NUM_EXAMPLES or is_modality_count_key(k) for k in weight_keys.values())
+    if set(weight_keys) != set(layout.groups) or not by_counts:
         raise ProtocolViolation(f"groups must be weighted by example counts, got {dict(weight_keys)}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,7 +219,8 @@ class FitResult:
     best_score: float = float("nan")
 
 
-_BACKBONE_PREFIXES = ("encoders.image.backbone.", "_module.encoders.image.backbone.")
+#: An image backbone's parameters, one image or one per sequence (``encoders.image:t1.backbone.``).
+_BACKBONE_NAME = re.compile(r"(_module\.)?encoders\.image(:[^.]+)?\.backbone\.")
 
 
 def lr_factor(cfg: TrainConfig, step: int, total: int) -> float:
@@ -263,7 +265,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, *, step: int = 0, total: 
     backbone, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (backbone if name.startswith(_BACKBONE_PREFIXES) else rest).append(param)
+            (backbone if _BACKBONE_NAME.match(name) else rest).append(param)
     groups = [{"params": rest, "lr": cfg.lr, "initial_lr": cfg.lr}]
     if backbone:
         lr = cfg.lr * cfg.backbone_lr_scale

@@ -40,6 +40,7 @@ from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, arrays_to_numpy,
 from fedfusion.common.training import seed_everything
 from fedfusion.server.messaging import REPLIES_FILENAME, RecordingGrid, ReplyLog, send_and_collect
 from fedfusion.server.privacy import ClientLevelDP, split_refusals
+from fedfusion.server.run_lock import hold_run_folder
 from fedfusion.server.secure_aggregation import check_secure_compatible, run_secure_round
 from fedfusion.server.strategy import ModalityAwareFedAvg, build_strategy
 
@@ -127,12 +128,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def run_federation(grid: Grid, cfg: FederationConfig,
                    on_round: Callable[[dict[str, Any]], None] | None = None) -> FederationResult:
-    """Run (or resume) the configured rounds against the sites reachable through ``grid``."""
+    """Run (or resume) the configured rounds against the sites reachable through ``grid``.
+
+    The run folder's writer lock is held throughout: a resumed run waits for (or refuses next to) an
+    orphaned ServerApp of a crashed coordinator instead of writing the same checkpoints beside it.
+    """
     if not cfg.schema:
         raise ConfigError("run config: 'schema' must name the federation schema JSON on the coordinator")
+    with hold_run_folder(Path(cfg.run_dir)):
+        return _run_rounds(grid, cfg, on_round)
+
+
+def _run_rounds(grid: Grid, cfg: FederationConfig,
+                on_round: Callable[[dict[str, Any]], None] | None) -> FederationResult:
     schema = load_schema(cfg.schema)
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     grid = RecordingGrid(grid, ReplyLog(run_dir / REPLIES_FILENAME))  # every reply received: replies.jsonl
     seed_everything(cfg.seed)
     model = create_model(schema, cfg.model)

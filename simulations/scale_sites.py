@@ -123,7 +123,7 @@ class PooledData:
     schema: Schema
     manifest: Manifest
     strata: np.ndarray
-    images: dict[int, torch.Tensor]  # decoded image per pooled row; bounded by the data set's size
+    images: dict[tuple[str, int], torch.Tensor]  # (image modality, pooled row) -> tensor; bounded by the data
 
 
 @lru_cache(maxsize=2)
@@ -149,16 +149,16 @@ class SharedImageDataset(MultimodalDataset):
     """
 
     def __init__(self, manifest: Manifest, preprocessor: Preprocessor, split: str, *, source_rows: np.ndarray,
-                 shared: dict[int, torch.Tensor], train_augment: bool = False):
+                 shared: dict[tuple[str, int], torch.Tensor], train_augment: bool = False):
         super().__init__(manifest, preprocessor, split, train_augment=train_augment, cache_images=False)
         self.source_rows = source_rows
         self.shared = shared
 
-    def _image(self, index: int) -> torch.Tensor:
-        key = int(self.source_rows[int(self.rows[index])])
+    def _image(self, index: int, modality: str = "image") -> torch.Tensor:
+        key = (modality, int(self.source_rows[int(self.rows[index])]))
         tensor = self.shared.get(key)
         if tensor is None:
-            tensor = super()._image(index)
+            tensor = super()._image(index, modality)
             self.shared[key] = tensor
         return tensor
 

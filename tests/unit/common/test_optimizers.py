@@ -141,3 +141,21 @@ def test_dp_step_keeps_the_scheduled_rates_and_skips_frozen_parameters():
     moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert not any(n.startswith("encoders.image.backbone.") for n in moved)
     assert any(n.startswith("heads.") for n in moved)
+
+
+@pytest.mark.parametrize("image_encoders", ["separate", "shared"])
+def test_every_sequence_backbone_gets_the_backbone_learning_rate(image_encoders):
+    """Multi-sequence schemas name backbones ``encoders.image:<seq>.backbone.``: each is a backbone."""
+    schema = Schema.from_dict({"name": "mri", "task": "classification", "classes": ["a", "b"],
+                               "clinical": [{"name": "x"}],
+                               "images": [{"name": "t1", "size": [16, 16]}, {"name": "flair", "size": [16, 16]}]})
+    model = create_model(schema, ModelConfig(image_encoders=image_encoders, freeze_backbone=False))
+    optimizer = make_optimizer(model, TrainConfig(lr=0.01, backbone_lr_scale=0.1))
+    backbone = {id(p) for n, p in model.named_parameters() if ".backbone." in n}
+    assert backbone, "the image encoders have a backbone"
+    if image_encoders == "separate":
+        assert {n.split(".")[1] for n, _ in model.named_parameters() if ".backbone." in n} == {"image:t1",
+                                                                                               "image:flair"}
+    lrs = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert [lrs[i] for i in backbone] == pytest.approx([0.001] * len(backbone))
+    assert {lr for i, lr in lrs.items() if i not in backbone} == {0.01}

@@ -212,3 +212,46 @@ def test_fedprox_config_reaches_the_sites() -> None:
     grid.push_messages = spy  # type: ignore[method-assign]
     outcome = _round(grid, strategy, RUN, global_model())
     assert outcome.arrays is not None and seen == [0.3, 0.3, 0.3]
+
+
+def _multisequence_sites(groups: dict[str, str], seed: int) -> tuple[list[FakeSite], dict[str, np.ndarray]]:
+    """Sites of a two-sequence (t1, flair) schema: each reports a count per sequence, none for ``image``;
+    site B has no FLAIR images. Weights are keyed like ``groups`` (the encoder's state_dict names)."""
+    rng = np.random.default_rng(seed)
+    shapes = {name: (3, 2) for name in groups}
+    current = {name: rng.normal(size=shape).astype(np.float32) for name, shape in shapes.items()}
+    sites = []
+    for name, flair in (("A", 40.0), ("B", 0.0), ("C", 70.0)):
+        n = float(rng.integers(60, 120))
+        counts = {"num-examples": n, "num-examples-image:t1": n - 5, "num-examples-image:flair": flair,
+                  "num-examples-clinical": n}
+        delta = {k: (rng.normal(size=s) * 0.05).astype(np.float32) for k, s in shapes.items()}
+        sites.append(FakeSite(name, delta, counts))
+    return sites, current
+
+
+@pytest.mark.parametrize("groups", [
+    # one shared image encoder: its group "image" is weighted by t1 + flair images at each site
+    {"encoders.image.w": "image", "encoders.clinical.w": "clinical", "fusion.w": "fusion"},
+    # one encoder per sequence: each weighted by its own sequence's count, B's FLAIR encoder by 0
+    {"encoders.image:t1.w": "image:t1", "encoders.image:flair.w": "image:flair", "encoders.clinical.w": "clinical",
+     "fusion.w": "fusion"},
+], ids=["shared", "separate"])
+def test_secure_round_weights_multisequence_groups_like_plain_fedavg(groups: dict[str, str]) -> None:
+    sites, current = _multisequence_sites(groups, seed=11)
+    by_node = dict(zip(NODES, sites, strict=False))
+    grid = LoopbackGrid(make_app(by_node, RUN), list(by_node))
+    strategy = build_strategy("fedavg", groups, min_sites=1)
+    outcome = _round(grid, strategy, RUN, current)
+    assert outcome.failure == "" and outcome.arrays is not None
+    updates = [{k: v + s.delta[k] for k, v in current.items()} for s in sites]
+    expected = modality_weighted_average(updates, [s.counts for s in sites], current, groups)
+    _assert_close(arrays_to_numpy(outcome.arrays), expected)
+    if "encoders.image.w" in groups:  # the shared encoder's weights: t1 + flair counts, by hand
+        w = [s.counts["num-examples-image:t1"] + s.counts["num-examples-image:flair"] for s in sites]
+        by_hand = sum(wi * u["encoders.image.w"] for wi, u in zip(w, updates, strict=True)) / sum(w)
+        np.testing.assert_allclose(arrays_to_numpy(outcome.arrays)["encoders.image.w"], by_hand, atol=TOL)
+    else:  # site B trained no FLAIR encoder: it must not pull that encoder towards its update
+        w = [s.counts["num-examples-image:flair"] for s in sites]
+        by_hand = sum(wi * u["encoders.image:flair.w"] for wi, u in zip(w, updates, strict=True)) / sum(w)
+        np.testing.assert_allclose(arrays_to_numpy(outcome.arrays)["encoders.image:flair.w"], by_hand, atol=TOL)
