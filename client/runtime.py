@@ -46,7 +46,7 @@ from fedfusion.common.privacy_policy import (
     negotiate,
     simulated_site_policy,
 )
-from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, modality_count_key
+from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, VAL_COUNT_KEY, VAL_PREFIX, modality_count_key
 from fedfusion.common.training import (
     LossFunction,
     class_weights_for,
@@ -55,6 +55,7 @@ from fedfusion.common.training import (
     metrics_from,
     pick_device,
     predict,
+    primary_metric,
     seed_everything,
     train_epochs,
 )
@@ -102,6 +103,7 @@ class SiteRuntime:
     train_set: MultimodalDataset
     test_set: MultimodalDataset
     modality_counts: dict[str, int] = field(default_factory=dict)
+    val_set: MultimodalDataset | None = None  # the manifest's "val" rows; scores each round for model selection
     # Virtual sites (scale mode) share one model object per process: every message loads the server's
     # full state dict into it, so building the architecture again per site only costs time.
     reuse_model: bool = False
@@ -197,11 +199,22 @@ class SiteRuntime:
                 "sample-rate": sample_rate, "dp-steps": taken}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Metrics of the global model on this site's test split (aggregates only, no predictions)."""
+        """Metrics of the global model on this site's test split (aggregates only, no predictions).
+
+        With a validation split, also its primary metric and loss (``val_auc``/``val_c_index``,
+        ``val_loss``) and its size: the server picks the delivered round by these, never by test.
+        """
         loss_fn = LossFunction(self.schema)
         pred = predict(model, make_loader(self.test_set, 256, shuffle=False), loss_fn, self.device)
+        out = {NUM_EXAMPLES: len(self.test_set), **metrics_from(pred)}
+        if self.val_set is not None and len(self.val_set):
+            val = metrics_from(predict(model, make_loader(self.val_set, 256, shuffle=False), loss_fn, self.device))
+            metric = primary_metric(self.schema)
+            out.update({VAL_COUNT_KEY: len(self.val_set), f"{VAL_PREFIX}loss": val["loss"]})
+            if metric in val:
+                out[f"{VAL_PREFIX}{metric}"] = val[metric]
         model.to("cpu")
-        return {NUM_EXAMPLES: len(self.test_set), **metrics_from(pred)}
+        return out
 
 
 @lru_cache(maxsize=8)
@@ -212,10 +225,12 @@ def load_site(manifest_path: str, schema_path: str, site_id: str, device: str = 
     pre = Preprocessor.fit(manifest)
     train_set = MultimodalDataset(manifest, pre, "train", train_augment=True)
     test_set = MultimodalDataset(manifest, pre, "test")
+    val_set = MultimodalDataset(manifest, pre, "val") if len(manifest.rows("val")) else None
     present = manifest.modality_present().iloc[manifest.rows("train")]
     counts = {m: int(present[m].sum()) for m in schema.modalities}
     return SiteRuntime(site_id=site_id, schema=schema, manifest=manifest, device=pick_device(device),
-                       preprocessor=pre, train_set=train_set, test_set=test_set, modality_counts=counts)
+                       preprocessor=pre, train_set=train_set, test_set=test_set, modality_counts=counts,
+                       val_set=val_set)
 
 
 def site_from_context(node_config: dict[str, Any], run_config: dict[str, Any]) -> SiteRuntime:

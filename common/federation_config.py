@@ -27,6 +27,8 @@ DEFAULTS: dict[str, Any] = {
     "server-lr": 0.01,
     "seed": 0,
     "round-timeout": 3600.0,
+    # Which round's model the run delivers (server/model_selection.py): best on the sites' val splits, or last
+    "model-selection": "best-val",
     "schema": "",
     "run-dir": "runs/latest",
     "resume": False,
@@ -87,7 +89,9 @@ _UNPREFIXED_TRAIN_KEYS = ("lr_schedule", "lr_warmup", "lr_step_size", "lr_gamma"
                           "backbone_lr_scale")
 
 # Keys that may differ between an interrupted run and its resumption without changing the result.
-_RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds", "secagg-timeout", "scale-cache-size")
+_RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds", "secagg-timeout", "scale-cache-size",
+                   "model-selection")
+MODEL_SELECTIONS = ("best-val", "last")
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class FederationConfig:
     study: str = ""
     privacy: PrivacyRequest = PrivacyRequest()
     secure: SecureAggregationSettings = SecureAggregationSettings()
+    model_selection: str = "best-val"
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -145,6 +150,7 @@ class FederationConfig:
                 study=str(flat["study"]),
                 privacy=PrivacyRequest.from_run_config(flat),
                 secure=SecureAggregationSettings.from_run_config(flat),
+                model_selection=str(flat["model-selection"]),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(f"run config: {err}") from None
@@ -152,6 +158,9 @@ class FederationConfig:
             raise ConfigError(f"run config: num-server-rounds must be >= 1, got {cfg.num_rounds}")
         if cfg.min_sites < 1:
             raise ConfigError(f"run config: min-sites must be >= 1, got {cfg.min_sites}")
+        if cfg.model_selection not in MODEL_SELECTIONS:
+            raise ConfigError(f"run config: model-selection must be one of {list(MODEL_SELECTIONS)}, "
+                              f"got {cfg.model_selection!r}")
         return cfg
 
     def config_hash(self) -> str:

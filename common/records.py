@@ -15,6 +15,10 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from fedfusion.common.config import MODALITIES, is_modality, modality_kind
 
 NUM_EXAMPLES = "num-examples"
+#: Evaluate replies: a site's validation-split size (summed, not averaged) and its ``val_``-prefixed
+#: metrics, by which the server picks the delivered round (server/model_selection.py).
+VAL_COUNT_KEY = "num-examples-val"
+VAL_PREFIX = "val_"
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"

@@ -36,9 +36,18 @@ from flwr.serverapp import Grid
 from fedfusion.common.config import ConfigError, load_schema
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.models import create_model
-from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, arrays_to_numpy, model_to_arrays, numpy_to_arrays
-from fedfusion.common.training import seed_everything
+from fedfusion.common.records import (
+    EPSILON_KEY,
+    NUM_EXAMPLES,
+    VAL_COUNT_KEY,
+    VAL_PREFIX,
+    arrays_to_numpy,
+    model_to_arrays,
+    numpy_to_arrays,
+)
+from fedfusion.common.training import primary_metric, seed_everything
 from fedfusion.server.messaging import REPLIES_FILENAME, RecordingGrid, ReplyLog, send_and_collect
+from fedfusion.server.model_selection import BestRound
 from fedfusion.server.privacy import ClientLevelDP, split_refusals
 from fedfusion.server.run_lock import hold_run_folder
 from fedfusion.server.secure_aggregation import check_secure_compatible, run_secure_round
@@ -58,6 +67,10 @@ class FederationResult:
     run_dir: Path | None = None
     refusals: list[dict[str, Any]] = field(default_factory=list)
     ended_early: str = ""
+    selected_round: int = 0
+    """The round whose global model ``arrays`` and ``model.pt`` hold (``model-selection``)."""
+    selection: str = "last"
+    """How it was chosen: ``best-val`` (best federated validation metric) or ``last``."""
 
 
 class RoundFailed(RuntimeError):
@@ -76,7 +89,8 @@ def is_count(key: str) -> bool:
 
 def weighted_metric_mean(records: list[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric weighted by ``num-examples`` over the sites that reported it (a site may
-    lack a metric, e.g. C-index with no comparable pair); counts are summed instead."""
+    lack a metric, e.g. C-index with no comparable pair); counts are summed instead. Validation
+    metrics (``val_*``) are weighted by each site's validation size."""
     out: dict[str, float] = {}
     for key in sorted({k for r in records for k in r if is_count(k)}):
         out[key] = float(sum(float(r.get(key, 0.0)) for r in records))
@@ -84,7 +98,8 @@ def weighted_metric_mean(records: list[dict[str, float]]) -> dict[str, float]:
         out[key] = max(float(r[key]) for r in records if key in r)
     keys = {k for r in records for k in r if not is_count(k) and k not in MAX_KEYS}
     for key in sorted(keys):
-        pairs = [(float(r[NUM_EXAMPLES]), float(r[key])) for r in records if key in r and NUM_EXAMPLES in r]
+        weight = VAL_COUNT_KEY if key.startswith(VAL_PREFIX) else NUM_EXAMPLES  # val_ metrics: by val size
+        pairs = [(float(r[weight]), float(r[key])) for r in records if key in r and weight in r]
         total = sum(w for w, _ in pairs)
         if total > 0:
             out[key] = sum(w * v for w, v in pairs) / total
@@ -109,13 +124,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy: ModalityAwareFedAvg,
                     rounds: list[dict[str, Any]], cfg: FederationConfig,
-                    refusals: list[dict[str, Any]] | None = None) -> Path:
+                    refusals: list[dict[str, Any]] | None = None, best: BestRound | None = None) -> Path:
     """Write atomically (temp file + rename) so a crash mid-write never leaves a torn checkpoint."""
     path = checkpoint_path(run_dir, server_round)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"round": server_round, "arrays": arrays_to_numpy(arrays), "strategy": strategy.state(),
                "rounds": rounds, "config_hash": cfg.config_hash(), "run_config": dict(cfg.raw),
-               "refusals": list(refusals or [])}
+               "refusals": list(refusals or []), "best": best.state() if best is not None else None}
     tmp = path.with_suffix(".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -162,6 +177,7 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
     refusals: list[dict[str, Any]] = []
     ended_early = ""
     rounds: list[dict[str, Any]] = []
+    best = BestRound(primary_metric(schema))
     start = 1
     found = latest_checkpoint(run_dir) if cfg.resume else None
     if found is not None:
@@ -173,6 +189,7 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
         strategy.load_state(state["strategy"])
         rounds = list(state["rounds"])
         refusals = list(state.get("refusals", []))
+        best = BestRound.from_state(state.get("best"), best.metric)
         start = int(state["round"]) + 1
         log.info("resuming %s from round %d", run_dir, start)
     elif cfg.resume:
@@ -231,21 +248,32 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
             log.warning(ended_early)
             row["seconds"] = time.monotonic() - began
             rounds.append(row)
-            save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals)
+            save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals, best)
             if on_round:
                 on_round(row)
             break
         row.update(_evaluate(grid, strategy, server_round, arrays, cfg))
+        if best.offer(row, arrays_to_numpy(arrays)):
+            log.info("round %d: best federated validation %s so far (%.4f)", server_round, best.metric, best.score)
         row["seconds"] = time.monotonic() - began
         rounds.append(row)
-        save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals)
+        save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals, best)
         if on_round:
             on_round(row)
+    selected_round, selection = int(rounds[-1]["round"]), "last"
+    if cfg.model_selection == "best-val" and best.round is not None and best.arrays is not None:
+        arrays, selected_round, selection = numpy_to_arrays(best.arrays), best.round, "best-val"
+    elif cfg.model_selection == "best-val":
+        log.warning("no site reported a validation %s (no 'val' rows?): delivering the last round's model",
+                    best.metric)
+    log.info("delivering the global model of round %d (%s)", selected_round, selection)
     final = run_dir / "model.pt"
     torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in arrays_to_numpy(arrays).items()},
-                "schema": schema.to_dict(), "run_config": dict(cfg.raw)}, final)
+                "schema": schema.to_dict(), "run_config": dict(cfg.raw), "selected_round": selected_round,
+                "selection": selection}, final)
     return FederationResult(arrays=arrays, rounds=rounds, site_metrics=strategy.site_metrics,
-                            rejected=strategy.rejected, run_dir=run_dir, refusals=refusals, ended_early=ended_early)
+                            rejected=strategy.rejected, run_dir=run_dir, refusals=refusals, ended_early=ended_early,
+                            selected_round=selected_round, selection=selection)
 
 
 def _evaluate(grid: Grid, strategy: ModalityAwareFedAvg, server_round: int, arrays: ArrayRecord,

@@ -16,14 +16,21 @@ from fedfusion.common.results import markdown_table, write_json, write_rows
 from fedfusion.server.federation import FederationResult
 
 
-def final_site_metrics(result: FederationResult) -> dict[str, dict[str, float]]:
-    """Each site's metrics of the final global model on its own test split."""
+def delivered_evaluations(result: FederationResult) -> list[dict[str, Any]]:
+    """The sites' evaluate rows of the delivered model: ``result.selected_round`` (model-selection),
+    or the last evaluated round when that round was not evaluated."""
     evaluations = [m for m in result.site_metrics if m["phase"] == "evaluate"]
     if not evaluations:
-        return {}
-    last = max(m["round"] for m in evaluations)
+        return []
+    rounds = {int(m["round"]) for m in evaluations}
+    chosen = int(result.selected_round) if int(result.selected_round) in rounds else max(rounds)
+    return [m for m in evaluations if int(m["round"]) == chosen]
+
+
+def final_site_metrics(result: FederationResult) -> dict[str, dict[str, float]]:
+    """Each site's metrics of the delivered global model on its own test split."""
     return {m["site"]: {k: v for k, v in m.items() if k not in ("round", "phase", "site")}
-            for m in evaluations if m["round"] == last}
+            for m in delivered_evaluations(result)}
 
 
 def epsilon_rows(result: FederationResult) -> list[dict[str, Any]]:
@@ -77,6 +84,13 @@ def _write_privacy_outputs(result: FederationResult, run_dir: Path) -> list[str]
     return lines
 
 
+def _selection_note(result: FederationResult) -> str:
+    if result.selection == "best-val":
+        return (f"The model of round {result.selected_round}: the best site-weighted validation score over the "
+                "rounds (`eval_val_*` columns; `model-selection = \"best-val\"`); test splits were not used to choose.")
+    return f"The model of the last round ({result.selected_round})."
+
+
 def write_run_outputs(result: FederationResult) -> Path:
     """Write metrics.csv, site_metrics.csv, summary.json, PNG plots and report.md into the run folder."""
     run_dir = result.run_dir or Path(".")
@@ -86,7 +100,8 @@ def write_run_outputs(result: FederationResult) -> Path:
     metric = "c_index" if any("c_index" in m for m in per_site.values()) else "auc"
     write_json(run_dir / "summary.json", {"rounds": result.rounds, "final_site_metrics": per_site,
                                           "rejected_replies": result.rejected, "primary_metric": metric,
-                                          "refusals": result.refusals, "ended_early": result.ended_early})
+                                          "refusals": result.refusals, "ended_early": result.ended_early,
+                                          "selected_round": result.selected_round, "selection": result.selection})
     plot_curves(result.rounds, "round", [f"eval_{metric}"], run_dir / f"global_{metric}_per_round.png",
                 title=f"global model {metric} (site-weighted) per round")
     if per_site:
@@ -94,7 +109,8 @@ def write_run_outputs(result: FederationResult) -> Path:
                   run_dir / f"site_{metric}.png", ylabel=metric, title="final global model, per site test split")
     lines = ["# Federated run report", "", f"Run folder: `{run_dir}`", "",
              "## Rounds (site-weighted means of what sites reported)", "",
-             markdown_table(result.rounds), "", "## Final global model on each site's test split", "",
+             markdown_table(result.rounds), "", "## Delivered global model on each site's test split", "",
+             _selection_note(result), "",
              markdown_table([{"site": s, **m} for s, m in per_site.items()]), ""]
     if result.rejected:
         lines += ["## Rejected replies", "", markdown_table(result.rejected), ""]

@@ -32,6 +32,7 @@ from fedfusion.common.training import (
     predict,
     primary_metric,
 )
+from fedfusion.server.report import delivered_evaluations
 from fedfusion.simulations.datasets import build_dataset
 from fedfusion.simulations.local_training import run_local_training
 from fedfusion.simulations.partition import partition_manifest
@@ -201,7 +202,7 @@ def simulate(spec: SimulationSpec, on_round: Callable[[dict[str, Any]], None] | 
     result = run_simulated_federation(run_config, num_simulated_sites(spec, sites), cpus_per_site=spec.cpus_per_site,
                                       gpus_per_site=spec.gpus_per_site, on_round=on_round,
                                       ray_address=spec.ray_address)
-    final = [m for m in result.site_metrics if m["phase"] == "evaluate" and m["round"] == spec.rounds]
+    final = delivered_evaluations(result)  # model-selection: best federated validation round, or the last
     initial = {m["site"]: m.get(metric, float("nan")) for m in result.site_metrics
                if m["phase"] == "evaluate" and m["round"] == 0}
     comparison = [{"site": m["site"], "method": f"federated ({spec.strategy})", metric: m.get(metric, float("nan"))}
@@ -234,14 +235,17 @@ def write_study_report(spec: SimulationSpec, schema_name: str, metric: str, comp
                                       "scale_sites": spec.scale_sites,
                                       # the cluster the sites ran on ("" = a private local Ray instance)
                                       "ray_address": ray_init_args(spec.ray_address).get("address", ""),
+                                      "selected_round": result.selected_round, "selection": result.selection,
                                       "federated_rounds": result.rounds})
     plot_bars({m: means[m] for m in methods}, out / f"methods_{metric}.png", ylabel=f"mean {metric} over sites",
               title=f"{schema_name}: {spec.partition} split")
     lines = [
         (f"# fedfusion study: {schema_name}, scale mode, {spec.scale_sites} virtual sites" if spec.scale_sites > 0
          else f"# fedfusion study: {schema_name}, {spec.partition} split, {len(sites)} sites"), "",
-        f"Each cell is the test-split {metric} of one site. Federated = the global model after "
-        f"{spec.rounds} rounds of {spec.strategy} ({spec.local_epochs} local epochs, fusion `{spec.fusion}`); "
+        f"Each cell is the test-split {metric} of one site. Federated = the global model of round "
+        f"{result.selected_round} of {spec.rounds} of {spec.strategy} ({spec.local_epochs} local epochs, fusion "
+        f"`{spec.fusion}`; " + ("chosen by the sites' validation splits" if result.selection == "best-val"
+                                else "the last round") + "); "
         "pooled = one model trained on all sites' training rows (what no hospital may do); local-only = "
         "each site alone. "
         + (f"Scale mode: {spec.scale_sites} VIRTUAL sites of {spec.rows_per_site} real rows each, drawn with "

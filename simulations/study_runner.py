@@ -329,12 +329,10 @@ def _length(pred: Predictions) -> int:
 
 
 def _final_metrics(result: Any) -> dict[str, dict[str, Any]]:
-    """Each site's metrics of the final global model, as the site reported them."""
-    evaluations = [m for m in result.site_metrics if m["phase"] == "evaluate"]
-    if not evaluations:
-        return {}
-    last = max(int(m["round"]) for m in evaluations)
-    return {str(m["site"]): m for m in sorted(evaluations, key=lambda m: str(m["site"])) if int(m["round"]) == last}
+    """Each site's metrics of the delivered global model, as the site reported them."""
+    from fedfusion.server.report import delivered_evaluations
+
+    return {str(m["site"]): m for m in sorted(delivered_evaluations(result), key=lambda m: str(m["site"]))}
 
 
 def _load_model(path: Path) -> torch.nn.Module:

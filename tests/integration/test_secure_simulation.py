@@ -58,7 +58,9 @@ def _run_config(schema_path: Path, data_dir: Path, run_dir: Path, sites: tuple[s
                 **extra: Any) -> dict[str, Any]:
     return {"num-server-rounds": ROUNDS, "min-sites": len(sites), "seed": 3, "schema": str(schema_path),
             "run-dir": str(run_dir), "data-dir": str(data_dir), "sites": ",".join(sites), "local-epochs": 1,
-            "local-batch-size": 16, "local-lr": 3e-3, "fusion": "concat", "local-device": "cpu", **extra}
+            "local-batch-size": 16, "local-lr": 3e-3, "fusion": "concat", "local-device": "cpu",
+            # the last round's weights: the comparison is of the aggregation, not of which round validates best
+            "model-selection": "last", **extra}
 
 
 SECURE = {"secure-aggregation": True, "secagg-clip": 1.0, "secagg-bits": 32, "secagg-weight-bound": 1000.0,
