@@ -71,3 +71,30 @@ def test_train_local_on_a_generated_site_writes_metrics(site: Path, schema: Sche
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert any(key in json.dumps(metrics) for key in ("auc", "c_index"))
+
+
+def test_simulate_scale_options_reach_the_run_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--scale-sites/--rows-per-site/--fraction-*/--ray-address: parsed into the spec, then into the
+    run config Flower's runtime gets (min-sites no larger than one sample, or Flower would wait)."""
+    import fedfusion.simulations.simulate as simulate_module
+    from fedfusion.simulations.simulate import run_config_for
+
+    seen = {}
+
+    def fake_simulate(spec, on_round=None):  # the parsing is under test, not the 10,000-site run
+        seen["spec"] = spec
+        report = tmp_path / "report.md"
+        report.write_text("# report\n")
+        return report
+
+    monkeypatch.setattr(simulate_module, "simulate", fake_simulate)
+    code = main(["simulate", "--dataset", "wdbc-multimodal", "--scale-sites", "10000", "--rows-per-site", "20",
+                 "--fraction-train", "0.01", "--fraction-evaluate", "0.02", "--ray-address", "10.0.0.5:6379",
+                 "--rounds", "2", "--out", str(tmp_path / "run")])
+    assert code == 0
+    spec = seen["spec"]
+    assert (spec.scale_sites, spec.rows_per_site, spec.fraction_train, spec.fraction_evaluate, spec.ray_address) == (
+        10000, 20, 0.01, 0.02, "10.0.0.5:6379")
+    config = run_config_for(spec, tmp_path / "schema.json", {})
+    assert (config["scale-sites"], config["scale-rows-per-site"], config["min-sites"]) == (10000, 20, 100)
+    assert (config["fraction-train"], config["fraction-evaluate"], config["num-server-rounds"]) == (0.01, 0.02, 2)
