@@ -183,12 +183,14 @@ def _load_long(path: Path, schema: Schema, raw: pd.DataFrame, *, check_images: b
         raise ManifestError(visit_issues)
     checker = _Checker(path, schema, long.cases)
     frame = checker.run(check_images=check_images, allow_single_class=allow_single_class)
+    if not checker.issues:
+        frame[VISIT_TIMES] = pd.Series(long.times, dtype=object)
+        frame[VISIT_VALUES] = pd.Series(long.values, dtype=object)
+        checker.check_some_modality(frame)
     relined = [replace(i, line=long.lines[i.line - 2]) if i.line is not None else i for i in checker.issues]
     issues = sorted(visit_issues + relined, key=lambda i: (i.line or 0))
     if issues:
         raise ManifestError(issues)
-    frame[VISIT_TIMES] = pd.Series(long.times, dtype=object)
-    frame[VISIT_VALUES] = pd.Series(long.values, dtype=object)
     warnings = checker.warnings
     if long.dropped:
         warnings.append(f"{file}: {long.dropped} visit(s) older than each case's last max_visits "
@@ -267,7 +269,19 @@ class _Checker:
                 self.warnings.append(f"{self.file}: no '{column}' column: no case at this site has {what}")
         if not self.issues and (frame["split"] == "train").sum() == 0:
             self.issue("no rows in the 'train' split; a site needs training cases", column="split")
+        if not self.issues and schema.visits is None:  # long format: checked once visits are attached
+            self.check_some_modality(frame)
         return frame.reset_index(drop=True)
+
+    def check_some_modality(self, frame: pd.DataFrame) -> None:
+        """A case with every modality blank carries nothing to learn from; the model refuses such a row."""
+        typed = Manifest(path=self.path, schema=self.schema, frame=frame.reset_index(drop=True), has_split_column=True)
+        empty = np.flatnonzero(~typed.modality_present().any(axis=1).to_numpy())
+        for row in empty[:50]:
+            self.issue(f"this case has no data in any modality {list(self.schema.modalities)}; expected at least "
+                       "one (or leave the case out of the manifest)", row=int(row))
+        if len(empty) > 50:
+            self.issue(f"... and {len(empty) - 50} more cases with no data in any modality")
 
     def _check_case_ids(self) -> pd.Series:
         ids = pd.Series(self.case_ids, index=self.raw.index)

@@ -170,3 +170,13 @@ def test_missing_modalities_are_allowed(site: Path, schema: Schema) -> None:
     manifest = load_manifest(site, schema)
     present = manifest.modality_present()
     assert present["image"].sum() == 30 and present["omics"].sum() == 30 and present["clinical"].all()
+
+
+def test_a_case_with_no_modality_at_all_is_refused_with_its_line(site: Path, schema: Schema) -> None:
+    """The model cannot use a case whose every modality is blank: refuse it at check time, not mid-round."""
+    frame = pd.read_csv(site, dtype=str, keep_default_na=False)
+    frame.loc[4, ["image", "age", "size_mm", "grade", *[f"gene{i}" for i in range(6)]]] = ""
+    frame.to_csv(site, index=False)
+    message = _only_issue(site, schema)
+    assert "line 6" in message and "case 'P004'" in message and "no data in any modality" in message
+    assert "['image', 'clinical', 'omics']" in message

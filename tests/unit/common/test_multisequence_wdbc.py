@@ -15,52 +15,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_breast_cancer
 
 from fedfusion.common.config import ModelConfig, Schema, TrainConfig
 from fedfusion.common.data import MultimodalDataset, Preprocessor
 from fedfusion.common.manifest import load_manifest
 from fedfusion.common.models import create_model
 from fedfusion.common.training import LossFunction, fit, make_loader, metrics_from, pick_device, predict
-from fedfusion.simulations.rendering import Morphometry, nucleus_rng, render_nucleus, save_png
+from tests.wdbc_views import write_wdbc_views
 
 SIZE = 32
 N_CASES = 160
-VIEWS = ("mean", "worst")
-
-
-def _morphometry(row: dict[str, float], view: str) -> Morphometry:
-    return Morphometry.from_mapping({k.replace(f"{view} ", "mean ", 1): v for k, v in row.items()
-                                     if k.startswith(f"{view} ")})
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Schema]:
-    data = load_breast_cancer(as_frame=True)
-    frame, target = data.frame, data.target.to_numpy()
-    rng = np.random.default_rng(0)
-    picked = np.concatenate([rng.choice(np.flatnonzero(target == c), N_CASES // 2, replace=False) for c in (0, 1)])
-    rng.shuffle(picked)
     root = tmp_path_factory.mktemp("wdbc_views")
-    lines = ["case_id,label,split,image_mean,image_worst"]
-    for i, index in enumerate(picked):
-        row = frame.iloc[index].to_dict()
-        paths = {}
-        for v, view in enumerate(VIEWS):
-            # every 7th case lacks the mean view, every 11th the worst one (never both)
-            if (view == "mean" and i % 7 == 3) or (view == "worst" and i % 11 == 5 and i % 7 != 3):
-                paths[view] = ""
-                continue
-            (root / view).mkdir(exist_ok=True)
-            image = render_nucleus(_morphometry(row, view), nucleus_rng(int(index), seed=v), size=SIZE)
-            paths[view] = save_png(image, root / view / f"c{index}.png").relative_to(root).as_posix()
-        split = "test" if i % 4 == 0 else "train"
-        lines.append(f"W{index},{data.target_names[target[index]]},{split},{paths['mean']},{paths['worst']}")
-    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
-    schema = Schema.from_dict({"name": "wdbc-views", "task": "classification",
-                               "classes": list(data.target_names),
-                               "images": [{"name": view, "size": [SIZE, SIZE]} for view in VIEWS]})
-    return root / "manifest.csv", schema
+    manifests, schema = write_wdbc_views(root, N_CASES, SIZE)
+    return manifests["all"], schema
 
 
 @pytest.fixture(autouse=True)
