@@ -31,3 +31,16 @@ def schema() -> Schema:
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
     return make_site(tmp_path / "site")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Many tiny ops: one intra-op thread is as fast uncontended and far faster when other jobs share
+    the cores (OpenMP workers spin-wait on busy CPUs). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,6 +22,8 @@ from fedfusion.common.config import ClinicalColumn, ImageSpec, ModelConfig, Sche
 from fedfusion.common.models import create_model, list_fusions, list_image_backbones
 from fedfusion.common.privacy import make_private
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
@@ -106,14 +108,6 @@ def _missing_mask(schema: Schema) -> torch.Tensor:
     mask[3, images[-1]] = True
     mask[3, schema.modalities.index("omics")] = True
     return mask
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

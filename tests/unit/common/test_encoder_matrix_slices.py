@@ -12,6 +12,8 @@ from fedfusion.common.config import ConfigError, ImageSpec, ModelConfig, Schema
 from fedfusion.common.models import create_model
 from fedfusion.common.models.encoders import SlicePooling, SmallCNN
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
               pytest.mark.filterwarnings("ignore:Using a non-full backward hook:UserWarning")]
 
@@ -21,14 +23,6 @@ NO_DROPOUT = {"embed_dim": 8, "dropout": 0.0, "modality_dropout": 0.0}
 
 def _schema(**images) -> Schema:
     return Schema(name="vol", task="both", classes=("a", "b"), omics=("g1", "g2"), **images)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_attention_pooling_starts_as_the_mean_then_weighs_slices_by_content() -> None:

@@ -23,6 +23,8 @@ from fedfusion.common.models import create_model
 from fedfusion.common.training import LossFunction, fit, make_loader, metrics_from, pick_device, predict
 from tests.wdbc_views import write_wdbc_views
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 32
 N_CASES = 160
 
@@ -32,14 +34,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Schema]:
     root = tmp_path_factory.mktemp("wdbc_views")
     manifests, schema = write_wdbc_views(root, N_CASES, SIZE)
     return manifests["all"], schema
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("image_encoders", ["separate", "shared"])

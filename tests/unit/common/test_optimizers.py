@@ -16,16 +16,10 @@ from fedfusion.common.models import create_model
 from fedfusion.common.privacy import make_private
 from fedfusion.common.training import LossFunction, fit, lr_factor, make_optimizer, set_lr_factor
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SCHEMA = Schema(name="opt", task="classification", classes=("a", "b"), clinical=(ClinicalColumn("x"),),
                 image=ImageSpec(size=(16, 16)))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("name", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),

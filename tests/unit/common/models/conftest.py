@@ -68,10 +68,6 @@ def make_batch() -> Callable[..., Batch]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny ops: one intra-op thread is as fast uncontended and far faster when other jobs share
-    the cores (OpenMP workers spin-wait on busy CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """Every model test runs with one intra-op thread (``one_torch_thread`` in tests/conftest.py)."""
     yield
-    torch.set_num_threads(threads)
