@@ -46,7 +46,7 @@ import torch  # noqa: E402
 from torch.utils.data import Dataset, default_collate  # noqa: E402
 
 from fedfusion.client.runtime import site_manifest_path  # noqa: E402
-from fedfusion.common.config import ConfigError, ModelConfig, Schema  # noqa: E402
+from fedfusion.common.config import ConfigError, ModelConfig, Schema, modality_kind  # noqa: E402
 from fedfusion.common.data import MultimodalDataset, Preprocessor  # noqa: E402
 from fedfusion.common.federation_config import FederationConfig  # noqa: E402
 from fedfusion.common.manifest import load_manifest  # noqa: E402
@@ -158,6 +158,14 @@ def modality_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], s
     return pred.modality_weights
 
 
+def _modality_tensors(modality: str) -> list[str]:
+    """The batch tensors that carry ``modality`` (an image sequence's key is its modality name)."""
+    if modality_kind(modality) == "image":
+        return [modality]
+    return {"clinical": ["clinical_num", "clinical_cat"], "omics": ["omics"],
+            "visits": ["visits", "visits_time", "visits_gap", "visits_mask"]}[modality]
+
+
 def feature_groups(schema: Schema, omics: list[int] | None = None) -> list[tuple[str, str, dict[str, list[int]]]]:
     """(modality, feature, {tensor key: columns}) for each permutable feature, then each whole
     modality (``*``). A numeric clinical column owns its value and missing-flag columns."""
@@ -169,8 +177,7 @@ def feature_groups(schema: Schema, omics: list[int] | None = None) -> list[tuple
     for j in (range(len(schema.omics)) if omics is None else omics):
         groups.append(("omics", schema.omics[j], {"omics": [j]}))
     for m in schema.modalities:
-        keys = {"image": ["image"], "clinical": ["clinical_num", "clinical_cat"], "omics": ["omics"]}[m]
-        groups.append((m, "*", {k: [] for k in keys}))  # [] = every column of the tensor
+        groups.append((m, "*", {k: [] for k in _modality_tensors(m)}))  # [] = every column of the tensor
     return groups
 
 
@@ -306,38 +313,62 @@ def _weights_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str
 def _gradcam_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str, torch.Tensor]]], schema: Schema,
                      out: Path, n_cases: int) -> list[str]:
     lines = ["## Grad-CAM (image encoder)", ""]
-    if schema.image is None:
+    if not schema.image_specs:
         return lines + ["No image modality.", ""]
-    backbone = model.encoders["image"].backbone
-    found = find_target_layer(backbone, schema.image.channels, tuple(schema.image.size))
-    if found is None:
-        return lines + [f"Skipped: the image backbone `{model.config.image_backbone}` is a transformer (or has no "
-                        "spatial convolution); Grad-CAM needs a CNN feature map.", ""]
-    name, layer = found
+    rows: list[dict[str, Any]] = []
+    for modality, spec in schema.image_specs.items():
+        # separate encoders are encoders[modality]; a shared one is encoders["image"] for every sequence
+        encoder = model.encoders[modality] if modality in model.encoders else model.encoders["image"]
+        shared = encoder if modality not in model.encoders else None
+        who = "Image" if modality == "image" else f"`{modality}`"
+        if spec.depth:
+            lines += [f"{who}: skipped, volumes (depth {spec.depth}) have no 2-D Grad-CAM here.", ""]
+            continue
+        found = find_target_layer(encoder.backbone, spec.channels, tuple(spec.size))
+        if found is None:
+            lines += [f"{who}: skipped, the image backbone `{model.config.image_backbone}` is a transformer (or has "
+                      "no spatial convolution); Grad-CAM needs a CNN feature map.", ""]
+            continue
+        name, layer = found
+        rows += _gradcam_rows(model, data, schema, out, n_cases, modality, layer,
+                              shared.backbone if shared is not None else None)
+        lines += [f"{who}: target layer `{name}`; maps are scaled to [0, 1] per case. Centre of mass and peak in "
+                  f"pixels of the {spec.size[1]}x{spec.size[0]} input.", ""]
+    write_rows(out / "gradcam.csv", rows)
+    if rows:
+        lines += [markdown_table(rows, digits=1), ""]
+        lines += [f"![{r['site']} {r['case_id']} {r['modality']}]({r['png']})" for r in rows]
+    return lines + [""]
+
+
+def _gradcam_rows(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str, torch.Tensor]]], schema: Schema,
+                  out: Path, n_cases: int, modality: str, layer: torch.nn.Module,
+                  shared_backbone: torch.nn.Module | None) -> list[dict[str, Any]]:
+    """Up to ``n_cases`` maps per site for one image modality, each saved as a PNG overlay."""
     rows = []
+    suffix = "" if modality == "image" else "-" + modality.split(":", 1)[1]
     for site, (test, tensors) in data.items():
-        have = np.flatnonzero(tensors["mask"][:, schema.modalities.index("image")].numpy())[:n_cases]
+        have = np.flatnonzero(tensors["mask"][:, schema.modalities.index(modality)].numpy())[:n_cases]
         if len(have) == 0:
             continue
         batch = {k: v[torch.from_numpy(have)] for k, v in tensors.items()}
-        cams, targets = grad_cam(model, batch, layer, target=_explained_class(schema))
+        cams, targets = grad_cam(model, batch, layer, target=_explained_class(schema), key=modality,
+                                 backbone=shared_backbone)
         frame = test.manifest.frame
         for k, (row, cam, target) in enumerate(zip(have, cams, targets, strict=True)):
             case = str(frame["case_id"].iloc[int(test.rows[row])])
             explained = schema.classes[int(target)] if target >= 0 else "risk"
             truth = schema.classes[int(batch["label"][k])] if schema.has_classification else ""
-            title = f"site {site}, case {case}: explains '{explained}'" + (f" (true: {truth})" if truth else "")
-            path = save_overlay(batch["image"][k].numpy(), cam, out / "gradcam" / f"site-{site}-{case}.png", title)
+            title = (f"site {site}, case {case}{suffix.replace('-', ', ')}: explains '{explained}'"
+                     + (f" (true: {truth})" if truth else ""))
+            path = save_overlay(batch[modality][k].numpy(), cam, out / "gradcam" / f"site-{site}-{case}{suffix}.png",
+                                title)
             cx, cy = cam_centroid(cam)
             py, px = np.unravel_index(int(cam.argmax()), cam.shape)
-            rows.append({"site": site, "case_id": case, "explained": explained, "label": truth,
+            rows.append({"site": site, "case_id": case, "modality": modality, "explained": explained, "label": truth,
                          "centroid_x": cx, "centroid_y": cy, "peak_x": int(px), "peak_y": int(py),
                          "png": path.relative_to(out).as_posix()})
-    write_rows(out / "gradcam.csv", rows)
-    lines += [f"Target layer `{name}`; maps are scaled to [0, 1] per case. Centre of mass and peak in pixels of the "
-              f"{schema.image.size[1]}x{schema.image.size[0]} input.", "", markdown_table(rows, digits=1), ""]
-    lines += [f"![{r['site']} {r['case_id']}]({r['png']})" for r in rows]
-    return lines + [""]
+    return rows
 
 
 def _explained_class(schema: Schema) -> int | None:

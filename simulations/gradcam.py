@@ -68,7 +68,8 @@ class CellGrid:
 
 
 def grad_cam(model: nn.Module, batch: Mapping[str, torch.Tensor], layer: nn.Module,
-             target: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+             target: int | None = None, key: str = "image",
+             backbone: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps (B, H, W) in [0, 1] for ``batch`` and the explained class per case (-1: risk).
 
     ``layer`` is a module inside ``model``'s image encoder (see :func:`find_target_layer`).
@@ -77,18 +78,29 @@ def grad_cam(model: nn.Module, batch: Mapping[str, torch.Tensor], layer: nn.Modu
     map is resampled onto the input with :func:`trace_cell_grid`'s geometry, not by stretching the
     feature map over the frame (see :func:`cam_to_pixels`). The model is put in eval mode; its
     parameter gradients are cleared afterwards.
+
+    ``key`` is the image modality explained (``image:t1`` for one sequence). With a ``backbone`` shared
+    by several sequences (``image-encoders = "shared"``), the layer's output is kept only from the
+    backbone call whose input is ``batch[key]``: the backbone runs once per sequence.
     """
     store: dict[str, torch.Tensor] = {}
+    image = batch[key].detach().clone().requires_grad_(True)
+    current = {"ours": backbone is None}
+
+    def mark(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        current["ours"] = bool(inputs) and inputs[0] is image
 
     def keep(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        store["activation"] = output
+        if current["ours"]:
+            store["activation"] = output
 
-    image = batch["image"].detach().clone().requires_grad_(True)
-    handle = layer.register_forward_hook(keep)
+    handles = [layer.register_forward_hook(keep)]
+    if backbone is not None:
+        handles.append(backbone.register_forward_pre_hook(mark))
     model.eval()
     try:
         with torch.enable_grad():
-            outputs = model({**batch, "image": image})
+            outputs = model({**batch, key: image})
             activation = store["activation"]
             if "logits" in outputs:
                 logits = outputs["logits"]
@@ -100,10 +112,11 @@ def grad_cam(model: nn.Module, batch: Mapping[str, torch.Tensor], layer: nn.Modu
                 score = outputs["risk"].sum()
             (gradient,) = torch.autograd.grad(score, activation)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.zero_grad(set_to_none=True)
     activation, gradient = activation.detach(), gradient.detach()
-    grid = (trace_cell_grid(model, image, layer, lambda: model({**batch, "image": image.detach()}))
+    grid = (trace_cell_grid(model, image, layer, lambda: model({**batch, key: image.detach()}), within=backbone)
             or stretched_grid(tuple(image.shape[-2:]), tuple(activation.shape[-2:])))
     weights = gradient.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
@@ -113,7 +126,7 @@ def grad_cam(model: nn.Module, batch: Mapping[str, torch.Tensor], layer: nn.Modu
 
 
 def trace_cell_grid(model: nn.Module, image: torch.Tensor, layer: nn.Module,
-                    forward: Callable[[], object]) -> CellGrid | None:
+                    forward: Callable[[], object], within: nn.Module | None = None) -> CellGrid | None:
     """Where the cells of ``layer``'s output sit on ``image`` (B, C, H, W), from the layers' geometry.
 
     Why: stretching an h x w map over the H x W frame (``F.interpolate``, align_corners=False)
@@ -131,7 +144,8 @@ def trace_cell_grid(model: nn.Module, image: torch.Tensor, layer: nn.Module,
     ``i * stride - pad + dilation * (kernel - 1) / 2``, composed down to ``layer``. ``pad`` is read
     from the observed sizes where the module pads itself (timm's ``Conv2dSame``). If the chain does
     not reach ``layer`` (a downsampling this does not know), None: callers fall back to
-    :func:`stretched_grid`.
+    :func:`stretched_grid`. ``within`` limits the hooks to ``layer``'s backbone, so that another image
+    encoder of a multi-sequence model (run first, on images of the same size) is not followed instead.
     """
     height, width = image.shape[-2:]
     state = {"size": (int(height), int(width)), "stride": [1.0, 1.0], "offset": [0.0, 0.0], "done": False}
@@ -153,7 +167,7 @@ def trace_cell_grid(model: nn.Module, image: torch.Tensor, layer: nn.Module,
         state["done"] = module is layer
 
     kinds = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
-    hooks = [m.register_forward_hook(follow) for m in model.modules() if isinstance(m, kinds)]
+    hooks = [m.register_forward_hook(follow) for m in (within or model).modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
             forward()

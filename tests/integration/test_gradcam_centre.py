@@ -125,7 +125,7 @@ def test_stretching_the_feature_map_over_the_frame_shifted_it_right_and_down(
         trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     cams, keep = _maps(trained)
     traced = _offsets(cams[keep], trained["masks"][keep])
-    monkeypatch.setattr(gradcam, "trace_cell_grid", lambda *args: None)  # the old layout: F.interpolate's
+    monkeypatch.setattr(gradcam, "trace_cell_grid", lambda *args, **kwargs: None)  # the old layout: F.interpolate's
     cams, _ = _maps(trained)
     stretched = _offsets(cams[keep], trained["masks"][keep])
 
