@@ -25,6 +25,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +254,7 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
                 on_round(row)
             break
         row.update(_evaluate(grid, strategy, server_round, arrays, cfg))
-        if best.offer(row, arrays_to_numpy(arrays)):
+        if best.offer(row, partial(arrays_to_numpy, arrays)):
             log.info("round %d: best federated validation %s so far (%.4f)", server_round, best.metric, best.score)
         row["seconds"] = time.monotonic() - began
         rounds.append(row)

@@ -10,6 +10,7 @@ count); the server ranks rounds by the count-weighted mean. The test split is ne
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +33,11 @@ class BestRound:
     loss: float = math.inf
     arrays: dict[str, np.ndarray] | None = None
 
-    def offer(self, row: dict[str, Any], arrays: dict[str, np.ndarray]) -> bool:
-        """Consider round ``row['round']`` (its ``eval_val_*`` columns); True if it is the new best."""
+    def offer(self, row: dict[str, Any], arrays: Callable[[], dict[str, np.ndarray]]) -> bool:
+        """Consider round ``row['round']`` (its ``eval_val_*`` columns); True if it is the new best.
+
+        ``arrays`` gives that round's weights; it is called (and its result copied) only for a new best.
+        """
         score = float(row.get(f"eval_{VAL_PREFIX}{self.metric}", math.nan))
         loss = float(row.get(f"eval_{VAL_PREFIX}loss", math.inf))
         if int(row["round"]) < 1 or math.isnan(score):
@@ -41,7 +45,7 @@ class BestRound:
         if (score, -loss) <= (self.score, -self.loss):
             return False
         self.round, self.score, self.loss = int(row["round"]), score, loss
-        self.arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        self.arrays = {k: np.array(v, copy=True) for k, v in arrays().items()}
         return True
 
     def state(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.privacy_policy import PrivacyPolicy
 from fedfusion.common.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_numpy
-from fedfusion.server.federation import run_federation
+from fedfusion.server.federation import FederationResult, run_federation
 from fedfusion.server.report import write_run_outputs
 from tests.sitegen import OMICS, make_site
 
@@ -135,20 +135,26 @@ def make_dashboard_run(root: Path, rounds: int = ROUNDS, run_dir: Path | None = 
                   "run-dir": str(run_dir), "local-epochs": 1, "local-batch-size": 16,
                   "local-lr": 3e-3, "fusion": "concat", "dp-mode": "sample", "dp-noise-multiplier": 1.0,
                   "study": "toy-dp", "round-timeout": 60.0}
+    grid = InProcessGrid(make_client_app(run_config), node_configs, audit)
+    result = run_in_process(grid, run_config)
+    write_run_outputs(result)
+    return DashboardRun(root=root, run_dir=run_dir, schema_path=schema_path, site_dirs=site_dirs)
+
+
+def run_in_process(grid: Any, run_config: dict[str, Any]) -> FederationResult:
+    """``run_federation`` over an in-process grid, with the task identity Flower's runtime would set
+    in a ServerApp process (messages need it), restored afterwards."""
     from flwr.supercore.task_identity import TaskIdentity
 
     cfg = FederationConfig.from_run_config(run_config)
-    grid = InProcessGrid(make_client_app(run_config), node_configs, audit)
     saved = {attr: getattr(TaskIdentity, attr) for attr in ("_task_id", "_run_id", "_node_id")}
-    for attr, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 0)):  # Flower's runtime sets these
+    for attr, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 0)):
         setattr(TaskIdentity, attr, value)
     try:
-        result = run_federation(grid, cfg)  # type: ignore[arg-type]
+        return run_federation(grid, cfg)
     finally:
         for attr, value in saved.items():
             setattr(TaskIdentity, attr, value)
-    write_run_outputs(result)
-    return DashboardRun(root=root, run_dir=run_dir, schema_path=schema_path, site_dirs=site_dirs)
 
 
 _RUNS: dict[str, DashboardRun] = {}

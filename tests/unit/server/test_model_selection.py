@@ -17,10 +17,10 @@ from fedfusion.client.app import make_client_app
 from fedfusion.common.config import ConfigError
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.records import CONFIG_KEY, METRICS_KEY
-from fedfusion.server.federation import load_checkpoint, run_federation, weighted_metric_mean
+from fedfusion.server.federation import load_checkpoint, weighted_metric_mean
 from fedfusion.server.model_selection import BestRound
 from fedfusion.server.report import write_run_outputs
-from tests.dashboard_runs import RUN_ID, InProcessGrid, toy_schema
+from tests.dashboard_runs import InProcessGrid, run_in_process, toy_schema
 from tests.sitegen import make_site
 
 #: The validation AUC the sites will claim per round: round 2 is best, the last round is not.
@@ -29,11 +29,16 @@ VAL_AUC = {0: 0.99, 1: 0.60, 2: 0.90, 3: 0.70}
 
 def test_best_round_ranks_by_metric_then_loss_and_ignores_round_zero_and_nan() -> None:
     best = BestRound("auc")
-    arrays = {"w": np.zeros(2, dtype=np.float32)}
+    live = {"w": np.zeros(2, dtype=np.float32)}
+
+    def arrays() -> dict[str, np.ndarray]:
+        return live
+
     assert not best.offer({"round": 0, "eval_val_auc": 1.0}, arrays)  # the initial model is never delivered
     assert not best.offer({"round": 1, "eval_val_auc": math.nan}, arrays)
     assert best.offer({"round": 1, "eval_val_auc": 0.8, "eval_val_loss": 0.5}, arrays)
-    arrays["w"] += 1  # the kept copy must not follow later changes of the live arrays
+    live["w"] += 1  # the kept copy must not follow later changes of the live arrays
+    assert float(best.arrays["w"][0]) == 0.0  # type: ignore[index]
     assert not best.offer({"round": 2, "eval_val_auc": 0.8, "eval_val_loss": 0.6}, arrays)  # tie, worse loss
     assert best.offer({"round": 3, "eval_val_auc": 0.8, "eval_val_loss": 0.4}, arrays)  # tie, better loss
     assert best.round == 3 and best.arrays is not None and float(best.arrays["w"][0]) == 1.0
@@ -80,19 +85,6 @@ def _grid(tmp_path: Path, run_config: dict) -> InProcessGrid:
     return grid
 
 
-def _run(grid: InProcessGrid, run_config: dict):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {a: getattr(TaskIdentity, a) for a in ("_task_id", "_run_id", "_node_id")}
-    for attr, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 0)):
-        setattr(TaskIdentity, attr, value)
-    try:
-        return run_federation(grid, FederationConfig.from_run_config(run_config))  # type: ignore[arg-type]
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
-
-
 def _model_equals_checkpoint(run_dir: Path, server_round: int) -> bool:
     model = torch.load(run_dir / "model.pt", weights_only=False)
     saved = load_checkpoint(run_dir / "checkpoints" / f"round-{server_round:04d}.pt")["arrays"]
@@ -106,14 +98,14 @@ def test_the_best_validation_round_is_delivered_and_survives_a_resume(tmp_path: 
                   "run-dir": str(run_dir), "local-epochs": 1, "local-batch-size": 16, "fusion": "concat",
                   "round-timeout": 30.0}
     grid = _grid(tmp_path, run_config)
-    first = _run(grid, run_config)
+    first = run_in_process(grid, run_config)
     # the sites really score their val split: each reports its size and a validation loss
     real = grid.seen_real  # type: ignore[attr-defined]
     assert real and all(m["num-examples-val"] == 6 and math.isfinite(m["val_loss"]) for m in real)
     assert first.selected_round == 2 and first.selection == "best-val"
 
     # two more rounds after a "restart": round 3 scores worse on validation, so round 2 stays delivered
-    result = _run(grid, {**run_config, "num-server-rounds": 3, "resume": True})
+    result = run_in_process(grid, {**run_config, "num-server-rounds": 3, "resume": True})
     assert [r["round"] for r in result.rounds] == [0, 1, 2, 3]
     assert result.selected_round == 2 and _model_equals_checkpoint(run_dir, 2)
     assert not _model_equals_checkpoint(run_dir, 3)
@@ -128,6 +120,6 @@ def test_the_best_validation_round_is_delivered_and_survives_a_resume(tmp_path: 
     assert {s: m["auc"] for s, m in final_site_metrics(result).items()} == round2
     assert "The model of round 2" in (run_dir / "report.md").read_text()
 
-    last = _run(grid, {**run_config, "num-server-rounds": 3, "resume": True, "model-selection": "last",
+    last = run_in_process(grid, {**run_config, "num-server-rounds": 3, "resume": True, "model-selection": "last",
                        "run-dir": str(run_dir)})
     assert last.selected_round == 3 and last.selection == "last" and _model_equals_checkpoint(run_dir, 3)

@@ -9,9 +9,8 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedfusion.client.app import make_client_app
-from fedfusion.common.federation_config import FederationConfig
-from fedfusion.server.federation import RoundFailed, run_federation
-from tests.dashboard_runs import RUN_ID, InProcessGrid, toy_schema
+from fedfusion.server.federation import RoundFailed
+from tests.dashboard_runs import InProcessGrid, run_in_process, toy_schema
 from tests.sitegen import make_site
 
 
@@ -38,16 +37,7 @@ def test_a_round_where_every_site_fails_stops_the_run_before_its_checkpoint(tmp_
         manifest = folder / "manifest.csv" if folder.is_dir() else folder
         node_configs[node] = {"manifest": str(manifest), "schema": str(schema_path), "site-id": f"S{node}",
                               "device": "cpu"}
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {a: getattr(TaskIdentity, a) for a in ("_task_id", "_run_id", "_node_id")}
-    for attr, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 0)):
-        setattr(TaskIdentity, attr, value)
-    try:
-        with pytest.raises(RoundFailed, match="round 1: no site returned a usable update .* --resume"):
-            run_federation(InProcessGrid(failing, node_configs), FederationConfig.from_run_config(run_config))  # type: ignore[arg-type]
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
+    with pytest.raises(RoundFailed, match="round 1: no site returned a usable update .* --resume"):
+        run_in_process(InProcessGrid(failing, node_configs), run_config)
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt"))
     assert "round-0001.pt" not in checkpoints  # resume retries round 1
