@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fedfusion.common.config import ClinicalColumn, ImageSpec, ModelConfig, Schema
 from fedfusion.common.models import create_model, list_fusions, list_image_backbones
-from fedfusion.common.privacy import make_private
+from tests.opacus_step import ce_plus_cox, one_private_step
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,14 +87,6 @@ def _batch(schema: Schema, mask: torch.Tensor, seed: int = 0) -> dict[str, torch
     return batch
 
 
-def _loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy + a Cox partial likelihood (rows taken as ordered by time)."""
-    risk = out["risk"]
-    log_cum = torch.logcumsumexp(risk.flip(0), dim=0).flip(0)
-    cox = -((risk - log_cum) * batch["event"]).sum() / batch["event"].sum().clamp_min(1)
-    return F.cross_entropy(out["logits"], batch["label"]) + cox
-
-
 def _missing_mask(schema: Schema) -> torch.Tensor:
     """Row 0 all present; row 1 lacks the first image modality (one sequence when there are two);
     row 2 lacks every image; row 3 has only the last image modality and omics."""
@@ -119,7 +110,7 @@ def test_forward_backward(encoder: str, fusion: str) -> None:
     batch = _batch(case.schema, torch.ones(4, len(case.schema.modalities), dtype=torch.bool))
     out = model(batch)
     assert out["logits"].shape == (4, 2) and out["risk"].shape == (4,)
-    _loss(out, batch).backward()
+    ce_plus_cox(out, batch).backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     not_finite = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
     assert no_grad == [] and not_finite == []
@@ -172,19 +163,10 @@ def test_private_step(encoder: str, fusion: str) -> None:
     schema = case.schema
     torch.manual_seed(0)
     model = create_model(schema, case.config(fusion))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mask = torch.cat([torch.ones(4, len(schema.modalities), dtype=torch.bool), _missing_mask(schema)])
     full = _batch(schema, mask, seed=1)
     samples = [{k: v[i] for k, v in full.items()} for i in range(len(mask))]
-    dp = make_private(model, samples, torch.optim.SGD(model.parameters(), lr=0.05), _loss, batch_size=4,
-                      noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks", secret_seed=0)
-    batch = next(b for b in dp.loader if len(b["mask"]) > 1)
-    dp.optimizer.zero_grad()
-    _loss(dp.module(batch), batch).backward()
-    missing = [n for n, p in model.named_parameters() if getattr(p, "grad_sample", None) is None]
-    wrong_rows = [n for n, p in model.named_parameters()
-                  if getattr(p, "grad_sample", None) is not None and p.grad_sample.shape[0] != len(batch["mask"])]
-    dp.optimizer.step()
-    assert missing == [], f"no per-sample gradient for {missing[:5]}"
-    assert wrong_rows == [], f"per-sample gradients not per case for {wrong_rows[:5]}"
-    assert [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])] == []
+    step = one_private_step(model, samples, ce_plus_cox, min_rows=2)
+    assert step.missing == [], f"no per-sample gradient for {step.missing[:5]}"
+    assert step.wrong_rows == [], f"per-sample gradients not per case for {step.wrong_rows[:5]}"
+    assert step.unchanged == []

@@ -15,8 +15,8 @@ from fedfusion.common.data import MultimodalDataset, Preprocessor
 from fedfusion.common.longitudinal import VISIT_TIMES, VISIT_VALUES
 from fedfusion.common.manifest import ManifestError, load_manifest
 from fedfusion.common.models import create_model, list_fusions, parameter_group
-from fedfusion.common.privacy import make_private
 from fedfusion.common.training import LossFunction
+from tests.opacus_step import one_private_step
 
 HEADER = "case_id,split,time,event,age,sex,visit_time,grad,ef"
 # p1: three visits written out of time order; p2: one; p3: no visit; p4: two, one value missing; p5/p6 test
@@ -226,15 +226,6 @@ def test_one_real_dp_sgd_step_of_the_whole_model_with_visits(tmp_path, encoder):
     samples = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["mask"]))]
     torch.manual_seed(0)
     model = create_model(schema, ModelConfig(temporal_encoder=encoder))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    loss_fn = LossFunction(schema)
-    dp = make_private(model, samples, torch.optim.SGD(model.parameters(), lr=0.05), loss_fn, batch_size=4,
-                      noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks", secret_seed=0)
-    step = next(b for b in dp.loader if len(b["mask"]) > 0)
-    dp.optimizer.zero_grad()
-    loss_fn(dp.module(step), step).backward()
-    missing = [n for n, p in model.named_parameters() if getattr(p, "grad_sample", None) is None]
-    dp.optimizer.step()
-    dp.close()
-    assert missing == []
-    assert [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])] == []
+    step = one_private_step(model, samples, LossFunction(schema))
+    assert step.missing == []
+    assert step.unchanged == []

@@ -8,7 +8,7 @@ from opacus import GradSampleModule
 
 from fedfusion.common.config import ConfigError
 from fedfusion.common.models.encoders.temporal import VisitGRU, VisitTransformer, build_temporal_encoder
-from fedfusion.common.privacy import make_private
+from tests.opacus_step import one_private_step
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),
@@ -110,22 +110,14 @@ def test_one_real_dp_sgd_step_moves_every_parameter(kind):
     enc = _encoder(kind)
     batch = _batch([5, 2, 1, 0, 4, 3, 2, 1], seed=1)
     samples = [{k: v[i] for k, v in batch.items()} for i in range(8)]
-    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
 
     def loss(out: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
         return out.pow(2).mean()
 
-    dp = make_private(enc, samples, torch.optim.SGD(enc.parameters(), lr=0.1), loss, batch_size=4,
-                      noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks", secret_seed=0)
-    step_batch = next(b for b in dp.loader if len(b["visits_mask"]) > 0)
-    dp.optimizer.zero_grad()
-    loss(dp.module(step_batch), step_batch).backward()
-    missing = [n for n, p in enc.named_parameters() if getattr(p, "grad_sample", None) is None]
-    dp.optimizer.step()
-    dp.close()
-    assert missing == []
-    assert [n for n, p in enc.named_parameters() if torch.equal(p.detach(), before[n])] == []
-    assert dp.steps_taken() == 1
+    step = one_private_step(enc, samples, loss, lr=0.1, rows_key="visits_mask")
+    assert step.missing == []
+    assert step.unchanged == []
+    assert step.steps == 1
 
 
 def test_bad_shapes_and_names_are_clear_errors():

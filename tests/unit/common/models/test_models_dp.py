@@ -11,11 +11,11 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fedfusion.common.config import ModelConfig, Schema
 from fedfusion.common.models import create_model, list_fusions, list_image_backbones
 from fedfusion.common.privacy import make_private
+from tests.opacus_step import ce_plus_cox, one_private_step
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning"),  # first layer's input
@@ -31,33 +31,11 @@ def _samples(schema: Schema, make_batch, n: int = 8) -> list[dict[str, torch.Ten
     return [{k: v[i] for k, v in batch.items()} for i in range(n)]
 
 
-def _loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy + a Cox-style partial likelihood term (ties ignored)."""
-    risk = out["risk"]
-    log_cum = torch.logcumsumexp(risk.flip(0), dim=0).flip(0)  # rows already ordered by "time"
-    cox = -((risk - log_cum) * batch["event"]).sum() / batch["event"].sum().clamp_min(1)
-    return F.cross_entropy(out["logits"], batch["label"]) + cox
-
-
 def _one_private_step(schema: Schema, cfg: ModelConfig, make_batch) -> None:
     torch.manual_seed(0)
-    model = create_model(schema, cfg)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # The site's own wrapping (common/privacy.py: Poisson loader over dict samples, secret noise), not a copy.
-    dp = make_private(model, _samples(schema, make_batch), torch.optim.SGD(model.parameters(), lr=0.05), _loss,
-                      batch_size=4, noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks", secret_seed=0)
-    private, optimizer = dp.module, dp.optimizer
-    batch = next(b for b in dp.loader if len(b["mask"]) > 0)
-
-    optimizer.zero_grad()
-    out = private(batch)
-    _loss(out, batch).backward()
-    missing = [n for n, p in model.named_parameters() if getattr(p, "grad_sample", None) is None]
-    optimizer.step()
-
-    assert missing == [], f"no per-sample gradient for {missing[:5]}"
-    unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
-    assert unchanged == []
+    step = one_private_step(create_model(schema, cfg), _samples(schema, make_batch), ce_plus_cox)
+    assert step.missing == [], f"no per-sample gradient for {step.missing[:5]}"
+    assert step.unchanged == []
 
 
 @pytest.mark.parametrize("backbone", [*list_image_backbones(), "timm:regnetx_002"])
