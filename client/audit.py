@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -51,7 +50,7 @@ from fedfusion.common.config import ConfigError, read_site_toml
 from fedfusion.common.reply_digest import canonical as _canonical
 from fedfusion.common.reply_digest import jsonable as _jsonable
 from fedfusion.common.reply_digest import payload_sha256
-from fedfusion.common.results import fsync_dir
+from fedfusion.common.results import append_line
 
 FORMAT_VERSION = 1
 DEFAULT_FILENAME = "audit.jsonl"
@@ -164,19 +163,7 @@ class AuditLog:
         return record
 
     def _append(self, line: bytes) -> None:
-        """One ``write`` per line on an O_APPEND descriptor (no interleaving), then fsync (durable)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        created = not self.path.exists()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, _FILE_MODE)
-        try:
-            written = os.write(fd, line)
-            if written != len(line):
-                raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes); disk full?")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if created:
-            fsync_dir(self.path.parent)
+        append_line(self.path, line, _FILE_MODE)
 
     def records(self) -> Iterator[dict[str, Any]]:
         return iter_records(self.path)

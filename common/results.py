@@ -59,3 +59,23 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def append_line(path: Path, line: bytes, mode: int = 0o640) -> None:
+    """Append one line durably: a single ``write`` on an O_APPEND descriptor (no interleaving between
+    processes), then fsync (and the folder's, when the file was created). The site's audit log and
+    the coordinator's ``replies.jsonl`` both rely on a line being whole or absent after a crash."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(f"{path}: short write ({written} of {len(line)} bytes); disk full?")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        fsync_dir(path.parent)

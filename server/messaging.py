@@ -16,7 +16,6 @@ coordinator received, and the coordinator can show it received nothing else.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from flwr.serverapp import Grid
 
 from fedfusion.common.records import SITE_KEY
 from fedfusion.common.reply_digest import message_round, reply_sha256
+from fedfusion.common.results import append_line
 
 DEFAULT_POLL_INTERVAL_S = 0.1
 REPLIES_FILENAME = "replies.jsonl"
@@ -57,12 +57,7 @@ class ReplyLog:
                 "node_id": int(meta.src_node_id), "site_id": site, "round": server_round,
                 "message_type": str(meta.message_type), "error": bool(reply.has_error()),
                 "sha256": reply_sha256(reply)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        try:
-            os.write(fd, json.dumps(line, separators=(",", ":")).encode() + b"\n")
-        finally:
-            os.close(fd)
+        append_line(self.path, json.dumps(line, separators=(",", ":")).encode() + b"\n")
         return line
 
 

@@ -318,8 +318,8 @@ def _gradcam_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str
     rows: list[dict[str, Any]] = []
     for modality, spec in schema.image_specs.items():
         # separate encoders are encoders[modality]; a shared one is encoders["image"] for every sequence
-        encoder = model.encoders[modality] if modality in model.encoders else model.encoders["image"]
-        shared = encoder if modality not in model.encoders else None
+        separate = modality in model.encoders
+        encoder = model.encoders[modality] if separate else model.encoders["image"]
         who = "Image" if modality == "image" else f"`{modality}`"
         if spec.depth:
             lines += [f"{who}: skipped, volumes (depth {spec.depth}) have no 2-D Grad-CAM here.", ""]
@@ -331,7 +331,7 @@ def _gradcam_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str
             continue
         name, layer = found
         rows += _gradcam_rows(model, data, schema, out, n_cases, modality, layer,
-                              shared.backbone if shared is not None else None)
+                              None if separate else encoder.backbone)
         lines += [f"{who}: target layer `{name}`; maps are scaled to [0, 1] per case. Centre of mass and peak in "
                   f"pixels of the {spec.size[1]}x{spec.size[0]} input.", ""]
     write_rows(out / "gradcam.csv", rows)
