@@ -24,6 +24,7 @@ on the site's state volume with the ledger.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -101,3 +102,59 @@ class ReleaseStore:
         os.replace(tmp, path)
         fsync_dir(self.folder)
         return path
+
+
+ANSWERS_FILENAME = "secagg-answers.json"
+
+
+def answer_key(site_id: str, study: str, server_round: int, tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 naming one secure answer: site, study, round and the global model trained from.
+
+    The run config is left out on purpose: changing an irrelevant setting must not let a coordinator
+    ask again for the same (deterministic, or stored) update under a fresh key."""
+    return hashlib.sha256(canonical([site_id, study, int(server_round), payload_sha256(tensors, {})])).hexdigest()
+
+
+class AnswerBook:
+    """One answer per round: the survivor set this site vouched for, per :func:`answer_key`.
+
+    Why: a secure round reveals only a sum, but two sums of the *same* update over two site sets reveal
+    their difference (sum{1,2,3,4} - sum{2,3,4} = site 1). The same update comes back when the release
+    store replays a DP release or when training is deterministic, so a site signs (consistency round)
+    and reveals unmask shares for one survivor set per (study, round, global model), ever.
+
+    Refuse, not retrain-and-charge: without DP a retrain is bit-identical (seeded) and charging nothing
+    protects nothing; with DP every retrain spends budget at the coordinator's whim. Refusing costs only
+    this round's liveness: an honest resumed coordinator asking again with the same survivors is answered.
+
+    ``path`` None keeps the book in memory (``entries``), for callers that persist it themselves.
+    """
+
+    def __init__(self, path: str | Path | None = None, entries: dict[str, str] | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.entries: dict[str, str] = dict(entries or {})
+        if self.path is not None and self.path.is_file():
+
+            try:
+                self.entries.update(json.loads(self.path.read_text(encoding="utf-8")))
+            except (UnicodeDecodeError, ValueError) as err:
+                raise ValueError(f"{self.path}: unreadable secure-aggregation answer book ({err}); it records "
+                                 "which survivor set each round was answered for: restore it from backup") from None
+
+    def bind(self, key: str, survivors: str) -> bool:
+        """Record ``survivors`` for ``key``; False (and nothing recorded) when another set is bound."""
+        bound = self.entries.get(key)
+        if bound is not None:
+            return bound == survivors
+        self.entries[key] = survivors
+        if self.path is not None:
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            with tmp.open("w", encoding="utf-8") as handle:
+                json.dump(self.entries, handle, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+            fsync_dir(self.path.parent)
+        return True

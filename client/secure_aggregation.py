@@ -17,6 +17,13 @@ Flower's ``context.state``, which the SuperNode keeps per run at the site and ne
 update is deleted once masked (stage 3), everything once the round ends at this site (stage 4, or
 any error), and stale state is dropped when the next round starts.
 
+Against a malicious coordinator (:mod:`fedfusion.common.secagg.signing`): stage 1 refuses a round the
+site's ``[secure-aggregation]`` policy forbids and signs the site's keys with its roster key; stage 2
+verifies every peer against the roster; a fifth message, ``train.secagg_consistency``, signs the one
+survivor set this site was told (once per round, and per :class:`~fedfusion.client.releases.AnswerBook`
+only the set it vouched for before for the same study, round and global model); stage 4 reveals only
+for that set and only when a majority of the round's sites signed it. No roster: refused.
+
 A plain ``train`` message in a secure run is refused (:func:`refuse_unmasked_update`); a site can
 also demand secure aggregation itself with the node-config key ``require-secure-aggregation``.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +42,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
+from fedfusion.client.releases import ANSWERS_FILENAME, AnswerBook, answer_key
+from fedfusion.client.secagg_identity import site_identity, truthy
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.records import (
     ARRAYS_KEY,
@@ -52,6 +62,7 @@ from fedfusion.common.secagg import (
     ProtocolViolation,
     SecAggClient,
     SecAggConfig,
+    Stage,
     UnmaskRequest,
     VectorLayout,
     bundles_from_dict,
@@ -59,6 +70,7 @@ from fedfusion.common.secagg import (
 )
 from fedfusion.common.secagg.settings import (
     ACTION_ADVERTISE_KEYS,
+    ACTION_CONSISTENCY,
     ACTION_MASKED_INPUT,
     ACTION_SHARE_KEYS,
     ACTION_UNMASK,
@@ -72,7 +84,17 @@ from fedfusion.common.secagg.settings import (
     REQUEST_KEY,
     ROUND_KEY,
     SHARES_KEY,
+    SIGNATURE_KEY,
+    SIGNATURES_KEY,
     WEIGHT_KEYS_KEY,
+)
+from fedfusion.common.secagg.signing import (
+    advertisement_signature,
+    check_round,
+    request_digest,
+    survivors_signature,
+    verify_advertisements,
+    verify_survivor_signatures,
 )
 
 log = logging.getLogger("fedfusion.client.secagg")
@@ -93,6 +115,8 @@ STATE_UPDATE = "secagg-update"
 STATE_ROUND = "secagg-round-info"
 """context.state ConfigRecord: this site's per-group weights (example counts), site id and round."""
 _STATE_KEYS = (STATE_CLIENT, STATE_UPDATE, STATE_ROUND)
+STATE_ANSWERS = "secagg-answers"
+"""context.state ConfigRecord: the answer book when the node config names no audit log (simulation, tests)."""
 
 
 def refuse_unmasked_update(config_fn: ConfigFn) -> Mod:
@@ -101,7 +125,7 @@ def refuse_unmasked_update(config_fn: ConfigFn) -> Mod:
 
     def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         cfg, _ = config_fn(context)
-        if cfg.secure.enabled or _truthy(context.node_config.get(REQUIRE_NODE_KEY, False)):
+        if cfg.secure.enabled or truthy(context.node_config.get(REQUIRE_NODE_KEY, False)):
             why = "secure-aggregation = true in this run" if cfg.secure.enabled else \
                 f"this site's node config sets {REQUIRE_NODE_KEY}"
             return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION,
@@ -119,26 +143,36 @@ def register_secure_aggregation(app: ClientApp, train: ClientAppCallable, config
 
     @app.train(ACTION_ADVERTISE_KEYS)
     def advertise_keys(msg: Message, context: Context) -> Message:
-        return _guarded(msg, context, "advertise keys", lambda: handle_advertise_keys(msg, context, train))
+        return _guarded(msg, context, "advertise keys",
+                        lambda: handle_advertise_keys(msg, context, train, config_fn(context)))
 
     @app.train(ACTION_SHARE_KEYS)
     def share_keys(msg: Message, context: Context) -> Message:
-        return _guarded(msg, context, "share keys", lambda: handle_share_keys(msg, context))
+        return _guarded(msg, context, "share keys", lambda: handle_share_keys(msg, context, config_fn(context)[1]))
 
     @app.train(ACTION_MASKED_INPUT)
     def masked_input(msg: Message, context: Context) -> Message:
         return _guarded(msg, context, "masked input", lambda: handle_masked_input(msg, context))
+
+    @app.train(ACTION_CONSISTENCY)
+    def consistency(msg: Message, context: Context) -> Message:
+        return _guarded(msg, context, "consistency", lambda: handle_consistency(msg, context, config_fn(context)[1]))
 
     @app.train(ACTION_UNMASK)
     def unmask(msg: Message, context: Context) -> Message:
         return _guarded(msg, context, "unmask", lambda: handle_unmask(msg, context, config_fn(context)[1]))
 
 
-def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallable) -> Message:
-    """Stage 1: check the round's parameters, train, keep the update here, answer with public keys."""
+def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallable,
+                          configs: tuple[FederationConfig, dict[str, Any]]) -> Message:
+    """Stage 1: check the round against this site's roster and policy, train, keep the update here,
+    answer with public keys signed by this site (bound to its site id, node id, the round and roster)."""
     clear_state(context)
+    cfg, run_config = configs
+    identity = site_identity(context.node_config, run_config)  # no roster: refuse before training
     record = msg.content[ROUND_KEY]
     config = SecAggConfig.from_record(record)
+    check_round(config, identity.policy)
     layout = VectorLayout.from_json(str(record[LAYOUT_KEY]))
     weight_keys = json.loads(str(record[WEIGHT_KEYS_KEY]))
     current = arrays_to_numpy(msg.content[ARRAYS_KEY])
@@ -160,24 +194,36 @@ def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallab
     names = [entry.name for entry in layout.entries if entry.name != CLIPPED_ENTRY]
     delta = {name: trained[name].astype(np.float64) - current[name].astype(np.float64) for name in names}
     keys = client.advertise_keys()
+    keys = AdvertisedKeys(keys.encryption_key, keys.mask_key, identity.site_id,
+                          advertisement_signature(identity.key, identity.site_id, node_id, keys, config,
+                                                  identity.roster))
+    server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     site = reply.content.config_records.get(SITE_KEY)
     context.state[STATE_UPDATE] = numpy_to_arrays(delta)
     context.state[STATE_ROUND] = ConfigRecord({
         "weights": json.dumps(weights, sort_keys=True),
-        "site-id": str(site.get("site-id", node_id)) if site is not None else str(node_id),
-        "server-round": int(msg.content[CONFIG_KEY].get("server-round", 0)),
+        "site-id": str(site.get("site-id", node_id)) if site is not None else str(node_id),  # the data's site
+        "server-round": server_round,
+        "answer-key": answer_key(identity.site_id, cfg.study or cfg.schema, server_round, current),
     })
     _save(context, client)
     return Message(RecordDict({KEYS_KEY: ConfigRecord(keys.to_dict())}), reply_to=msg)
 
 
-def handle_share_keys(msg: Message, context: Context) -> Message:
-    """Stage 2: Shamir-share this round's secrets among the neighbours that advertised keys."""
+def handle_share_keys(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    """Stage 2: verify every advertised key against the roster, then Shamir-share this round's secrets
+    among the neighbours that advertised keys."""
     client = _load(context)
     record = msg.content[KEYS_KEY]
     _check_context(record, client)
     nodes, enc, mask = record["nodes"], record["encryption-keys"], record["mask-keys"]
-    keys = {int(n): AdvertisedKeys(bytes(e), bytes(m)) for n, e, m in zip(nodes, enc, mask, strict=True)}
+    site_ids, signatures = record.get("site-ids", [""] * len(nodes)), record.get("signatures", [b""] * len(nodes))
+    keys = {int(n): AdvertisedKeys(bytes(e), bytes(m), str(i), bytes(g))
+            for n, e, m, i, g in zip(nodes, enc, mask, site_ids, signatures, strict=True)}
+    identity = site_identity(context.node_config, run_config)
+    sites = verify_advertisements(identity.roster, client.config, keys, client.node_id, identity.site_id,
+                                  identity.policy)
+    _update_round(context, sites=json.dumps({str(n): s for n, s in sites.items()}, sort_keys=True))
     bundles = client.share_keys(keys)
     _save(context, client)
     return Message(RecordDict({BUNDLES_KEY: ConfigRecord(bundles_to_dict(bundles))}), reply_to=msg)
@@ -206,8 +252,40 @@ def handle_masked_input(msg: Message, context: Context) -> Message:
     return Message(RecordDict({MASKED_KEY: ArrayRecord({MASKED_ARRAY: Array(masked.vector)})}), reply_to=msg)
 
 
+def handle_consistency(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
+    """Consistency round: sign the one unmask request this site was told, once per round, and only for
+    the survivor set it already vouched for if the same update was asked for before (:class:`AnswerBook`)."""
+    client = _load(context)
+    if client.stage is not Stage.UNMASK:
+        raise ProtocolViolation(f"a consistency request in stage {client.stage.name} (before this site's masked input)")
+    record = msg.content[REQUEST_KEY]
+    _check_context(record, client)
+    request = UnmaskRequest.from_dict(record)
+    info = context.state[STATE_ROUND]
+    if "signed-request" in info:
+        raise ProtocolViolation("a second consistency request in one round: this site signs one survivor set only")
+    sites = {int(n): s for n, s in json.loads(str(info.get("sites", "{}"))).items()}
+    named = set(request.survivors) | set(request.dropped)
+    both = set(request.survivors) & set(request.dropped)
+    if not named <= set(sites) or client.node_id not in request.survivors or both:
+        raise ProtocolViolation("the unmask request names unattested nodes, both survives and drops a node, or "
+                                "leaves this site out")
+    survivor_sites = json.dumps(sorted(sites[n] for n in request.survivors))
+    book = _answer_book(context)
+    if not book.bind(str(info["answer-key"]), survivor_sites):
+        raise ProtocolViolation("this site already answered this round (same study, round and global model) for "
+                                "another survivor set; a second sum of the same update would reveal differences")
+    _save_book(context, book)
+    identity = site_identity(context.node_config, run_config)
+    _update_round(context, **{"signed-request": request_digest(client.config, request).hex()})
+    signature = survivors_signature(identity.key, client.config, request)
+    return Message(RecordDict({SIGNATURE_KEY: ConfigRecord({CONTEXT_KEY: client.config.context,
+                                                            "signature": signature})}), reply_to=msg)
+
+
 def handle_unmask(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
-    """Stage 4: reveal, per node, the one share the request allows; then forget the round."""
+    """Stage 4: reveal, per node, the one share the request allows, only for the request this site signed
+    and only when a majority of the round's sites signed the same one; then forget the round."""
     client = _load(context)
     info = context.state.get(STATE_ROUND)
     if info is not None and _test_drop(run_config, str(info.get("site-id")), int(info.get("server-round", 0))):
@@ -216,7 +294,17 @@ def handle_unmask(msg: Message, context: Context, run_config: Mapping[str, Any])
                              f"test hook {TEST_DROP_AT_UNMASK_KEY}: simulated dropout before unmasking"), reply_to=msg)
     record = msg.content[REQUEST_KEY]
     _check_context(record, client)
-    reply = client.unmask(UnmaskRequest.from_dict(record))
+    request = UnmaskRequest.from_dict(record)
+    if client.stage is not Stage.UNMASK:
+        raise ProtocolViolation(f"called for stage UNMASK while in stage {client.stage.name}")
+    if info is None or str(info.get("signed-request", "")) != request_digest(client.config, request).hex():
+        raise ProtocolViolation("the unmask request differs from the survivor set this site signed")
+    signed = msg.content[SIGNATURES_KEY]
+    signatures = {int(n): bytes(g) for n, g in zip(signed["signers"], signed["signatures"], strict=True)}
+    sites = {int(n): s for n, s in json.loads(str(info["sites"])).items()}
+    identity = site_identity(context.node_config, run_config)
+    verify_survivor_signatures(identity.roster, client.config, request, sites, signatures)
+    reply = client.unmask(request)
     clear_state(context)
     return Message(RecordDict({SHARES_KEY: ConfigRecord(reply.to_dict())}), reply_to=msg)
 
@@ -256,6 +344,25 @@ def clear_state(context: Context) -> None:
             del context.state[key]
 
 
+def _update_round(context: Context, **values: Any) -> None:
+    info = context.state[STATE_ROUND]
+    context.state[STATE_ROUND] = ConfigRecord({**dict(info), **values})
+
+
+def _answer_book(context: Context) -> AnswerBook:
+    """The site's persistent book beside its audit log (deployment), else kept in ``context.state``."""
+    audit = context.node_config.get("audit-log")
+    if audit:
+        return AnswerBook(Path(str(audit)).with_name(ANSWERS_FILENAME))
+    stored = context.state.get(STATE_ANSWERS)
+    return AnswerBook(None, {str(k): str(v) for k, v in dict(stored).items()} if stored is not None else None)
+
+
+def _save_book(context: Context, book: AnswerBook) -> None:
+    if book.path is None:
+        context.state[STATE_ANSWERS] = ConfigRecord(dict(book.entries))
+
+
 def _save(context: Context, client: SecAggClient) -> None:
     context.state[STATE_CLIENT] = ConfigRecord(client.to_state())
 
@@ -291,6 +398,3 @@ def _test_drop(run_config: Mapping[str, Any], site: str, server_round: int) -> b
             return True
     return False
 
-
-def _truthy(value: Any) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on") if isinstance(value, str) else bool(value)

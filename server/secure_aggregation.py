@@ -1,7 +1,7 @@
 """One secure training round (SecAgg+) over Flower's Grid: the server learns sums, never an update.
 
 With ``secure-aggregation = true`` the round loop (:mod:`fedfusion.server.federation`) calls
-:func:`run_secure_round` instead of sending plain train messages. Four message exchanges, each a
+:func:`run_secure_round` instead of sending plain train messages. Five message exchanges, each a
 ``send_and_collect`` over the Grid (``train.<action>`` messages, answered by
 :mod:`fedfusion.client.secure_aggregation`):
 
@@ -12,7 +12,10 @@ With ``secure-aggregation = true`` the round loop (:mod:`fedfusion.server.federa
    Shamir shares of its secrets, one per neighbour, which the server cannot open.
 3. ``secagg_masked_input``: the ciphertexts addressed to each site; each answers with its masked
    vector ``q(w * (x - global)) + masks`` (per-group example counts ``w`` masked alongside).
-4. ``secagg_unmask``: which sites are in the sum; each answers with shares that let the server
+4. ``secagg_consistency``: the unmask request (which sites are in the sum); each survivor answers with
+   its roster signature of it, and the server forwards all of them with stage 5 (sites reveal only when
+   a majority of the round's sites signed the same request: no site can be shown another survivor set).
+5. ``secagg_unmask``: which sites are in the sum; each answers with shares that let the server
    remove the masks of the *sum*. Sites that dropped between stages are recovered from the shares
    of the others while at least ``threshold`` holders answer.
 
@@ -67,6 +70,7 @@ from fedfusion.common.secagg import (
 )
 from fedfusion.common.secagg.settings import (
     ACTION_ADVERTISE_KEYS,
+    ACTION_CONSISTENCY,
     ACTION_MASKED_INPUT,
     ACTION_SHARE_KEYS,
     ACTION_UNMASK,
@@ -80,6 +84,8 @@ from fedfusion.common.secagg.settings import (
     REQUEST_KEY,
     ROUND_KEY,
     SHARES_KEY,
+    SIGNATURE_KEY,
+    SIGNATURES_KEY,
     TWO_SITES_HELP,
     WEIGHT_KEYS_KEY,
     SecureAggregationSettings,
@@ -163,7 +169,7 @@ def masked_layout(global_arrays: Mapping[str, np.ndarray],
 
 def run_secure_round(grid: Grid, strategy: ModalityAwareFedAvg, server_round: int, arrays: ArrayRecord,
                      cfg: FederationConfig) -> SecureRoundOutcome:
-    """Sample sites as the strategy does, run the four stages, return the averaged global model.
+    """Sample sites as the strategy does, run the five stages, return the averaged global model.
 
     Raises ``ConfigError`` when fewer than 3 sites were sampled (unless ``secagg-allow-two-sites``):
     that refusal comes before any site trains. Too many dropouts or a protocol violation fail the
@@ -201,7 +207,9 @@ def run_secure_round(grid: Grid, strategy: ModalityAwareFedAvg, server_round: in
         row[f"{ROW_PREFIX}keys_advertised"] = len(broadcast)
         everyone = _context_record(config, {"nodes": sorted(broadcast),
                                             "encryption-keys": [broadcast[n].encryption_key for n in sorted(broadcast)],
-                                            "mask-keys": [broadcast[n].mask_key for n in sorted(broadcast)]})
+                                            "mask-keys": [broadcast[n].mask_key for n in sorted(broadcast)],
+                                            "site-ids": [broadcast[n].site_id for n in sorted(broadcast)],
+                                            "signatures": [broadcast[n].signature for n in sorted(broadcast)]})
         replies = _exchange(grid, server_round, ACTION_SHARE_KEYS,
                             {n: RecordDict({KEYS_KEY: everyone}) for n in broadcast},
                             timeout=settings.timeout, strategy=strategy)
@@ -216,7 +224,14 @@ def run_secure_round(grid: Grid, strategy: ModalityAwareFedAvg, server_round: in
         request = server.collect_masked_inputs(vectors)
         del vectors, replies  # masked vectors are in the running sum; nothing per site is kept
         request_record = RecordDict({REQUEST_KEY: _context_record(config, request.to_dict())})
-        replies = _exchange(grid, server_round, ACTION_UNMASK, {n: request_record for n in request.survivors},
+        replies = _exchange(grid, server_round, ACTION_CONSISTENCY, {n: request_record for n in request.survivors},
+                            timeout=settings.timeout, strategy=strategy)
+        signed = _parse(replies.values(), strategy, server_round,
+                        lambda m: bytes(m.content[SIGNATURE_KEY]["signature"]))
+        signatures = ConfigRecord({"signers": sorted(signed), "signatures": [signed[n] for n in sorted(signed)]})
+        unmask_record = RecordDict({REQUEST_KEY: _context_record(config, request.to_dict()),
+                                    SIGNATURES_KEY: signatures})
+        replies = _exchange(grid, server_round, ACTION_UNMASK, {n: unmask_record for n in signed},
                             timeout=settings.timeout, strategy=strategy)
         shares = _parse(replies.values(), strategy, server_round,
                         lambda m: UnmaskReply.from_dict(m.content[SHARES_KEY]))

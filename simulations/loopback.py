@@ -127,6 +127,8 @@ class LoopbackDeployment:
             transport = f'root-certificates = "{ca or kit / "ca.pem"}"\n'
             if auth:
                 transport += f'[auth]\nprivate-key = "{kit / "site.key"}"\npublic-key = "{kit / "site.pub"}"\n'
+                if (kit / "roster.json").is_file():  # secure rounds: the only peers this site trusts
+                    transport += f'[federation]\nroster = "{kit / "roster.json"}"\n'
         config = self.folder / f"{site}.toml"
         config.write_text(
             f'[site]\nid = "{site}"\nmanifest = "{manifest}"\nschema = "{self.schema}"\ndevice = "{self.device}"\n'

@@ -9,8 +9,12 @@ message at a real SuperNode. Every reply the server receives is kept in ``receiv
 
 from __future__ import annotations
 
+import string
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,10 @@ from fedfusion.common.records import (
     modality_count_key,
     numpy_to_arrays,
 )
+from fedfusion.common.roster import Roster
+from fedfusion.common.secagg import AdvertisedKeys, SecAggConfig
+from fedfusion.common.secagg.settings import CONTEXT_KEY
+from fedfusion.common.secagg.testbed import partition_key_path, write_testbed
 
 #: state_dict key -> parameter group, as ``FusionModel.parameter_groups()`` gives them (buffers absent).
 PARAMETER_GROUPS = {"encoders.image.w": "image", "encoders.omics.w": "omics", "encoders.clinical.w": "clinical",
@@ -104,6 +112,39 @@ def make_app(sites: Mapping[int, FakeSite], run_config: Mapping[str, Any]) -> Cl
     app.train(mods=[refuse_unmasked_update(config_fn)])(train)
     register_secure_aggregation(app, train, config_fn)
     return app
+
+
+#: Site names with a key and roster entry in the shared test bed: one letter each, then S26..S63.
+TESTBED_SITES = tuple(string.ascii_uppercase) + tuple(f"S{i}" for i in range(26, 64))
+
+
+@cache
+def testbed() -> tuple[Path, Roster]:
+    """One roster and one signing key per letter, made once per test session (64 ECDSA keys)."""
+    folder = Path(tempfile.mkdtemp(prefix="fedfusion-secagg-testbed-"))
+    return folder, write_testbed(folder, TESTBED_SITES)
+
+
+def identity_config(name: str, **policy: Any) -> dict[str, Any]:
+    """A site's node config as ``fedfusion site start`` writes it: roster, signing key, site id, policy."""
+    folder, _ = testbed()
+    key = partition_key_path(folder, TESTBED_SITES.index(name))
+    return {"roster": str(folder / "roster.json"), "signing-key": str(key), "site-id": name, **policy}
+
+
+def identity_configs(sites: Mapping[int, FakeSite], **policy: Any) -> dict[int, dict[str, Any]]:
+    """``LoopbackGrid.node_configs`` giving each fake site its own identity."""
+    return {node: identity_config(site.name, **policy) for node, site in sites.items()}
+
+
+def broadcast_record(config: SecAggConfig, keys: Mapping[int, AdvertisedKeys]) -> ConfigRecord:
+    """The stage-2 message an honest coordinator sends: every advertised entry as it arrived."""
+    nodes = sorted(keys)
+    return ConfigRecord({CONTEXT_KEY: config.context, "nodes": nodes,
+                         "encryption-keys": [keys[n].encryption_key for n in nodes],
+                         "mask-keys": [keys[n].mask_key for n in nodes],
+                         "site-ids": [keys[n].site_id for n in nodes],
+                         "signatures": [keys[n].signature for n in nodes]})
 
 
 def roundtrip(records: RecordDict) -> RecordDict:

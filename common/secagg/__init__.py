@@ -6,18 +6,22 @@ masks of the *sum* while up to the threshold of sites drop out. The server learn
 surviving sites' weighted updates and the sum of their weights, per parameter group, and nothing
 about an individual site beyond what those sums imply.
 
-Threat model: an honest-but-curious server and honest-but-curious sites (privacy holds against
-any coalition of the server with fewer than ``threshold`` share holders of a node, by the
-majority threshold). Not covered: a server that sends different unmask requests to different
-sites *and* controls enough sites (Bonawitz's consistency-check round with signatures is not
-implemented), and sites that submit wrong shares or out-of-range inputs to corrupt the sum
-(robustness, not privacy). Transport security and node authentication come from TLS/Flower.
+Threat model: privacy holds against an honest-but-curious server colluding with fewer than
+``threshold`` share holders of a node, and against a *malicious* server (Bonawitz et al.'s actively
+secure variant, :mod:`~fedfusion.common.secagg.signing`): every advertised key is signed by a site on
+the federation roster and verified by every peer (no invented or re-labelled sites), a consistency
+round makes every revealing site hold the same survivor set (signed by a majority of the round's
+sites), and each site enforces its own bounds on sites, degree and threshold. Not covered: sites that
+submit wrong shares or out-of-range inputs to corrupt the sum (robustness, not privacy), a server
+colluding with a majority of a round's sites, and differencing of repeated *non-DP* trainings on
+nearby global models (use DP-SGD). Transport security and node authentication come from TLS/Flower.
 
 Layout: ``config`` (round parameters), ``client`` / ``server`` (the stage state machines; a client
 saves and restores itself with ``to_state`` / ``from_state`` between stages), ``messages`` (plain
 values on the wire), ``simulate`` (in-process reference round), ``settings`` (the run-config keys
 and the names the Flower apps use on the wire), and the primitives ``shamir``, ``keys``,
-``masking``, ``quantize``, ``layout``, ``graph``. The Flower wiring lives in
+``masking``, ``quantize``, ``layout``, ``graph``; ``signing`` (roster signatures, consistency round,
+site policy) and ``testbed`` (keys and a roster for simulated sites). The Flower wiring lives in
 ``fedfusion.server.secure_aggregation`` and ``fedfusion.client.secure_aggregation``.
 """
 

@@ -80,8 +80,8 @@ class SecAggClient:
         holders that advertised keys; return one AES-GCM bundle per other holder (node id -> bytes)."""
         self._begin(Stage.SHARE_KEYS)
         assert self._encryption_pair is not None and self._mask_pair is not None
-        own = AdvertisedKeys(self._encryption_pair.public_bytes, self._mask_pair.public_bytes)
-        if keys.get(self.node_id) != own:
+        own, mine = (self._encryption_pair.public_bytes, self._mask_pair.public_bytes), keys.get(self.node_id)
+        if mine is None or (mine.encryption_key, mine.mask_key) != own:
             raise ProtocolViolation("the server did not return this site's own public keys unchanged")
         unknown = sorted(set(keys) - set(self.config.node_ids))
         if unknown:

@@ -33,17 +33,22 @@ class Stage(enum.Enum):
 
 @dataclass(frozen=True)
 class AdvertisedKeys:
-    """Stage 1 reply: raw X25519 public keys (32 bytes each)."""
+    """Stage 1 reply: raw X25519 public keys (32 bytes each), the roster site id that claims them and
+    that site's signature (:mod:`fedfusion.common.secagg.signing`); empty in unsigned rounds."""
 
     encryption_key: bytes
     mask_key: bytes
+    site_id: str = ""
+    signature: bytes = b""
 
-    def to_dict(self) -> dict[str, bytes]:
-        return {"encryption-key": self.encryption_key, "mask-key": self.mask_key}
+    def to_dict(self) -> dict[str, Any]:
+        return {"encryption-key": self.encryption_key, "mask-key": self.mask_key, "site-id": self.site_id,
+                "signature": self.signature}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdvertisedKeys:
-        return cls(bytes(data["encryption-key"]), bytes(data["mask-key"]))
+        return cls(bytes(data["encryption-key"]), bytes(data["mask-key"]), str(data.get("site-id", "")),
+                   bytes(data.get("signature", b"")))
 
 
 @dataclass(frozen=True)

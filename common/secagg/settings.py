@@ -24,8 +24,9 @@ from fedfusion.common.secagg.masking import MAX_BITS, MIN_BITS
 ACTION_ADVERTISE_KEYS = "secagg_advertise_keys"
 ACTION_SHARE_KEYS = "secagg_share_keys"
 ACTION_MASKED_INPUT = "secagg_masked_input"
+ACTION_CONSISTENCY = "secagg_consistency"  # each survivor signs the unmask request it was told
 ACTION_UNMASK = "secagg_unmask"
-STAGE_ACTIONS = (ACTION_ADVERTISE_KEYS, ACTION_SHARE_KEYS, ACTION_MASKED_INPUT, ACTION_UNMASK)
+STAGE_ACTIONS = (ACTION_ADVERTISE_KEYS, ACTION_SHARE_KEYS, ACTION_MASKED_INPUT, ACTION_CONSISTENCY, ACTION_UNMASK)
 
 #: Record keys of the stage messages (server -> site) and replies (site -> server).
 ROUND_KEY = "secagg-round"  # stage 1: SecAggConfig.to_record() + layout + weight keys
@@ -38,6 +39,8 @@ MASKED_KEY = "secagg-masked"  # stage 3 reply: ArrayRecord with the masked vecto
 MASKED_ARRAY = "masked-input"
 REQUEST_KEY = "secagg-request"  # stage 4 message: the unmask request
 SHARES_KEY = "secagg-shares"  # stage 4 reply: Shamir shares
+SIGNATURE_KEY = "secagg-signature"  # consistency reply: this site's signature of the request ("signature")
+SIGNATURES_KEY = "secagg-signatures"  # stage 4 message: "signers" (node ids) and their "signatures"
 
 #: Layout entry in which each site puts its clipped fraction (times ``clip``), weighted by its example
 #: count like every shared parameter: the server unmasks only the example-weighted mean over sites.

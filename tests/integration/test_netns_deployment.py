@@ -108,7 +108,9 @@ def lan_deployment(tmp_path: Path) -> Iterator[tuple[LoopbackDeployment, NetnsLa
     manifests = partition_manifest(tmp_path / "data" / "manifest.csv", load_schema(schema_path), "natural")
     folder = tmp_path / "deploy"
     privacy = (f'[privacy]\nmax-epsilon = 50.0\ndelta = 1e-5\nmax-grad-norm = 1.0\nmin-noise-multiplier = 0.5\n'
-               f'ledger = "{folder}/ledger-{{site}}.json"\n')
+               f'ledger = "{folder}/ledger-{{site}}.json"\n'
+               # once the victim is dead only 2 sites remain: each site's own policy must allow that
+               '[secure-aggregation]\nallow-two-sites = true\n')
     with NetnsLan(HOSTS) as lan:
         dep = LoopbackDeployment(
             # No [approval] table: the bundle hash covers the whole source tree, which may change while this
@@ -188,7 +190,7 @@ def test_lan_federation_survives_a_site_crash_and_a_coordinator_restart(
 
     from fedfusion.server.messaging import read_replies
 
-    # The resumed run: each reply the coordinator received (all four SecAgg+ stages, evaluations) is
+    # The resumed run: each reply the coordinator received (all five SecAgg+ stages, evaluations) is
     # exactly one audit line at a site under the same hash, and no site audited a reply it did not get.
     received = read_replies(run_dir / "replies.jsonl")
     resumed_id = received[-1]["run_id"]
@@ -198,7 +200,8 @@ def test_lan_federation_survives_a_site_crash_and_a_coordinator_restart(
                        if r["run_id"] == resumed_id)
     assert on_server == at_sites and set(on_server.values()) == {1}, (on_server, at_sites)
     assert {m for _, _, m, _ in on_server} == {"evaluate", "train.secagg_advertise_keys", "train.secagg_share_keys",
-                                              "train.secagg_masked_input", "train.secagg_unmask"}
+                                              "train.secagg_masked_input", "train.secagg_consistency",
+                                              "train.secagg_unmask"}
 
     logs = dep.logs(tail=1_000_000)
     for site in SURVIVORS:  # reconnected by themselves: the test started each site once and it still runs

@@ -24,6 +24,7 @@ from fedfusion.client.secure_aggregation import TEST_DROP_AT_UNMASK_KEY
 from fedfusion.common.config import ConfigError, Schema
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.records import ARRAYS_KEY, EPSILON_KEY, METRICS_KEY
+from fedfusion.common.secagg.testbed import with_simulation_keys
 from fedfusion.server.federation import run_federation
 from fedfusion.simulations.simulate import run_simulated_federation
 from tests.secagg_fakes import LoopbackGrid
@@ -87,6 +88,7 @@ def _in_process(run_config: dict[str, Any]) -> Any:
     from flwr.supercore.task_identity import TaskIdentity
 
     nodes = [17, 2**63 + 9, 2**64 - 3][: len(str(run_config["sites"]).split(","))]
+    run_config = with_simulation_keys(run_config, len(nodes))  # a secure run's sites need keys and a roster
     grid = LoopbackGrid(make_client_app(run_config), nodes,
                         node_configs={node: {"partition-id": i} for i, node in enumerate(nodes)})
     with pytest.MonkeyPatch.context() as patch:  # a run identity, as Flower's runtime sets in a ServerApp
@@ -151,7 +153,7 @@ def test_in_process_secure_run_with_dp_sgd(federation_data: Path, tmp_path: Path
     for site in SITES:  # each site charged its own ledger before its update left, masked
         assert "secure-dp-test" in (federation_data / f"privacy-ledger-{site}.json").read_text()
     train_replies = [r for r in result.grid.received if r.metadata.message_type.startswith("train")]
-    assert len(train_replies) == 12
+    assert len(train_replies) == 15  # 3 sites x 5 stages (4 + the consistency round)
     for reply in train_replies:  # no update, no count, no ε reached the server
         assert ARRAYS_KEY not in reply.content and METRICS_KEY not in reply.content
         assert EPSILON_KEY not in str(dict(reply.content.config_records))

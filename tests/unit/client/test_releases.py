@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedfusion.client.releases import ReleaseStore, request_key
+from fedfusion.client.releases import AnswerBook, ReleaseStore, answer_key, request_key
 from fedfusion.common.reply_digest import payload_sha256, reply_payload
 
 
@@ -119,3 +119,18 @@ def test_a_resumed_run_gets_the_same_release_and_no_second_charge(tmp_path: Path
         assert [r["round"] for r in trains] == [1, 1], trains
         assert trains[0]["sha256"] == trains[1]["sha256"]  # the same release, sent again
         assert trains[0]["epsilon"] == trains[1]["epsilon"] > 0
+
+
+def test_answer_book_binds_one_survivor_set_per_round_across_restarts(tmp_path: Path) -> None:
+    model = {"w": np.arange(4, dtype=np.float32)}
+    key = answer_key("A", "study", 3, model)
+    assert key == answer_key("A", "study", 3, {"w": np.arange(4, dtype=np.float32)})
+    assert key != answer_key("A", "study", 4, model) and key != answer_key("A", "study", 3, {"w": model["w"] + 1})
+    book = AnswerBook(tmp_path / "secagg-answers.json")
+    assert book.bind(key, '["A","B","C","D"]') and book.bind(key, '["A","B","C","D"]')  # the same set again: fine
+    reopened = AnswerBook(tmp_path / "secagg-answers.json")  # a new run, or the site restarted
+    assert not reopened.bind(key, '["B","C","D"]')
+    assert reopened.entries[key] == '["A","B","C","D"]'
+    (tmp_path / "secagg-answers.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="unreadable secure-aggregation answer book"):
+        AnswerBook(tmp_path / "secagg-answers.json")

@@ -29,6 +29,7 @@ from fedfusion.common.secagg import (
 )
 from fedfusion.common.secagg.settings import (
     ACTION_ADVERTISE_KEYS,
+    ACTION_CONSISTENCY,
     ACTION_MASKED_INPUT,
     ACTION_SHARE_KEYS,
     ACTION_UNMASK,
@@ -40,10 +41,20 @@ from fedfusion.common.secagg.settings import (
     REQUEST_KEY,
     ROUND_KEY,
     SHARES_KEY,
+    SIGNATURE_KEY,
+    SIGNATURES_KEY,
     WEIGHT_KEYS_KEY,
 )
 from fedfusion.server.secure_aggregation import masked_layout
-from tests.secagg_fakes import PARAMETER_GROUPS, global_model, make_app, make_sites, roundtrip
+from tests.secagg_fakes import (
+    PARAMETER_GROUPS,
+    broadcast_record,
+    global_model,
+    identity_config,
+    make_app,
+    make_sites,
+    roundtrip,
+)
 
 NODES = [7, 8, 9]
 RUN = {"secure-aggregation": True, "secagg-weight-bound": 1000.0}
@@ -65,7 +76,7 @@ class _Site:
         self.sites = dict(zip(NODES, make_sites("ABC"), strict=True))
         self.app = make_app(self.sites, {**RUN, **(run_config or {})})
         self.state = RecordDict()
-        self.node_config = node_config or {}
+        self.node_config = {**identity_config(self.sites[node].name), **(node_config or {})}
 
     def send(self, action: str, content: RecordDict) -> Message:
         message_type = f"train.{action}" if action else "train"
@@ -94,17 +105,18 @@ def _run_stages(sites: dict[int, _Site], config: SecAggConfig, content: RecordDi
     ctx = {CONTEXT_KEY: config.context}
     keys = {n: s.send(ACTION_ADVERTISE_KEYS, content) for n, s in sites.items()}
     broadcast = server.collect_keys({n: AdvertisedKeys.from_dict(r.content[KEYS_KEY]) for n, r in keys.items()})
-    everyone = RecordDict({KEYS_KEY: ConfigRecord({**ctx, "nodes": sorted(broadcast),
-                                                   "encryption-keys": [broadcast[n].encryption_key
-                                                                       for n in sorted(broadcast)],
-                                                   "mask-keys": [broadcast[n].mask_key for n in sorted(broadcast)]})})
+    everyone = RecordDict({KEYS_KEY: broadcast_record(config, broadcast)})
     shared = {n: s.send(ACTION_SHARE_KEYS, everyone) for n, s in sites.items()}
     routed = server.route_shares({n: bundles_from_dict(r.content[BUNDLES_KEY]) for n, r in shared.items()})
     masked = {n: s.send(ACTION_MASKED_INPUT, RecordDict({BUNDLES_KEY: ConfigRecord(
         {**ctx, **bundles_to_dict(routed[n])})})) for n, s in sites.items()}
     request = server.collect_masked_inputs({n: r.content[MASKED_KEY]["masked-input"].numpy()
                                             for n, r in masked.items()})
-    unmask = {n: s.send(ACTION_UNMASK, RecordDict({REQUEST_KEY: ConfigRecord({**ctx, **request.to_dict()})}))
+    request_record = ConfigRecord({**ctx, **request.to_dict()})
+    signed = {n: s.send(ACTION_CONSISTENCY, RecordDict({REQUEST_KEY: request_record})) for n, s in sites.items()}
+    signatures = ConfigRecord({"signers": sorted(signed),
+                               "signatures": [signed[n].content[SIGNATURE_KEY]["signature"] for n in sorted(signed)]})
+    unmask = {n: s.send(ACTION_UNMASK, RecordDict({REQUEST_KEY: request_record, SIGNATURES_KEY: signatures}))
               for n, s in sites.items()}
     ok = {n: UnmaskReply.from_dict(r.content[SHARES_KEY]) for n, r in unmask.items() if not r.has_error()}
     return {"keys": keys, "shared": shared, "masked": masked, "unmask": unmask, "result": server.unmask(ok)}
@@ -156,9 +168,7 @@ def test_secrets_are_discarded_after_masking() -> None:
     keys = {n: AdvertisedKeys.from_dict(s.send(ACTION_ADVERTISE_KEYS, content).content[KEYS_KEY])
             for n, s in sites.items()}
     broadcast = server.collect_keys(keys)
-    everyone = RecordDict({KEYS_KEY: ConfigRecord({**ctx, "nodes": sorted(broadcast),
-                                                   "encryption-keys": [keys[n].encryption_key for n in sorted(keys)],
-                                                   "mask-keys": [keys[n].mask_key for n in sorted(keys)]})})
+    everyone = RecordDict({KEYS_KEY: broadcast_record(config, broadcast)})
     shared = {n: bundles_from_dict(s.send(ACTION_SHARE_KEYS, everyone).content[BUNDLES_KEY])
               for n, s in sites.items()}
     routed = server.route_shares(shared)

@@ -18,11 +18,21 @@ from fedfusion.common.secagg.settings import (
     KEYS_KEY,
     MASKED_KEY,
     SHARES_KEY,
+    SIGNATURE_KEY,
     TWO_SITES_HELP,
 )
 from fedfusion.server.secure_aggregation import check_secure_compatible, masked_layout, run_secure_round
 from fedfusion.server.strategy import build_strategy, modality_weighted_average
-from tests.secagg_fakes import COUNTER, PARAMETER_GROUPS, FakeSite, LoopbackGrid, global_model, make_app, make_sites
+from tests.secagg_fakes import (
+    COUNTER,
+    PARAMETER_GROUPS,
+    FakeSite,
+    LoopbackGrid,
+    global_model,
+    identity_configs,
+    make_app,
+    make_sites,
+)
 
 NODES = [11, 2**63 + 5, 305, 2**64 - 2]  # Flower node ids are uint64
 RUN = {"secure-aggregation": True, "secagg-weight-bound": 1000.0, "secagg-timeout": 0.3, "round-timeout": 5.0,
@@ -39,10 +49,12 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
-def _setup(sites: list[FakeSite], nodes: list[int] = NODES, **run: object) -> tuple[LoopbackGrid, object, dict]:
+def _setup(sites: list[FakeSite], nodes: list[int] = NODES, policy: dict | None = None,
+           **run: object) -> tuple[LoopbackGrid, object, dict]:
     by_node = dict(zip(nodes, sites, strict=False))
     run_config = {**RUN, **run}
-    grid = LoopbackGrid(make_app(by_node, run_config), list(by_node))
+    grid = LoopbackGrid(make_app(by_node, run_config), list(by_node),
+                        node_configs=identity_configs(by_node, **(policy or {})))
     strategy = build_strategy("fedavg", PARAMETER_GROUPS, min_sites=1)
     return grid, strategy, run_config
 
@@ -90,8 +102,8 @@ def test_server_receives_only_keys_ciphertexts_and_masked_vectors() -> None:
     grid, strategy, run_config = _setup(sites)
     current = global_model()
     _round(grid, strategy, run_config, current)
-    allowed = {KEYS_KEY, BUNDLES_KEY, MASKED_KEY, SHARES_KEY}
-    assert len(grid.received) == 12  # 3 sites x 4 stages
+    allowed = {KEYS_KEY, BUNDLES_KEY, MASKED_KEY, SIGNATURE_KEY, SHARES_KEY}
+    assert len(grid.received) == 15  # 3 sites x 5 stages (4 + the consistency round)
     for reply in grid.received:
         names = set(reply.content.keys())
         assert names <= allowed and len(names) == 1, names
@@ -148,8 +160,13 @@ def test_two_sites_are_refused_unless_overridden() -> None:
     assert TWO_SITES_HELP in str(err.value)
     assert all(s.trained == 0 for s in sites)  # refused before anything trained
     grid, strategy, run_config = _setup(sites, **{"secagg-allow-two-sites": True})
+    outcome = _round(grid, strategy, run_config, global_model())  # the run config alone: the sites refuse
+    assert outcome.arrays is None and outcome.row["secagg_failed"] == 1
+    assert all("policy needs at least 3" in r["reason"] for r in strategy.rejected if r["site"] in map(str, NODES))
+    grid, strategy, run_config = _setup(sites, policy={"secagg-allow-two-sites": "true"},
+                                        **{"secagg-allow-two-sites": True})
     current = global_model()
-    outcome = _round(grid, strategy, run_config, current)
+    outcome = _round(grid, strategy, run_config, current)  # and the sites' own policy allows it
     _assert_close(arrays_to_numpy(outcome.arrays), _plain(current, sites))
 
 
@@ -200,7 +217,7 @@ def test_fedprox_config_reaches_the_sites() -> None:
     sites = make_sites("ABC", seed=9)
     by_node = dict(zip(NODES, sites, strict=False))
     seen: list[float] = []
-    grid = LoopbackGrid(make_app(by_node, RUN), list(by_node))
+    grid = LoopbackGrid(make_app(by_node, RUN), list(by_node), node_configs=identity_configs(by_node))
     strategy = build_strategy("fedprox", PARAMETER_GROUPS, min_sites=1, proximal_mu=0.3)
     original = grid.push_messages
 
@@ -240,7 +257,7 @@ def _multisequence_sites(groups: dict[str, str], seed: int) -> tuple[list[FakeSi
 def test_secure_round_weights_multisequence_groups_like_plain_fedavg(groups: dict[str, str]) -> None:
     sites, current = _multisequence_sites(groups, seed=11)
     by_node = dict(zip(NODES, sites, strict=False))
-    grid = LoopbackGrid(make_app(by_node, RUN), list(by_node))
+    grid = LoopbackGrid(make_app(by_node, RUN), list(by_node), node_configs=identity_configs(by_node))
     strategy = build_strategy("fedavg", groups, min_sites=1)
     outcome = _round(grid, strategy, RUN, current)
     assert outcome.failure == "" and outcome.arrays is not None
