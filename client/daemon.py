@@ -8,6 +8,7 @@ The site config is the one file hospital IT edits::
     schema = "/kit/schema.json"
     device = "auto"                              # or "cpu", "cuda", "cuda:1"
     require-secure-aggregation = false           # true: never send an update unmasked, whatever a run asks
+    min-eval-cases = 20                          # a smaller test/val split answers evaluations with counts only
 
     [coordinator]
     address = "coordinator.example.org:9092"
@@ -30,9 +31,18 @@ The site config is the one file hospital IT edits::
     min-noise-multiplier = 0.5                   # smallest noise multiplier a run may use
     accountant = "rdp"                           # rdp | prv | gdp
     # ledger = "privacy-ledger.json"             # default: beside this file; keep it with the site's state
-    # max-epsilon-all-studies = 8.0              # optional cap over every study together
+    # max-epsilon-all-studies = 8.0              # cap over every study together; default: max-epsilon
 
-    [approval]                                   # optional; with it only these app bundles ever run
+    [federation]
+    roster = "/kit/roster.json"                  # the federation's sites and their public keys (from the kit);
+                                                 # without it the site refuses secure aggregation
+    [secure-aggregation]                         # this site's bounds, whatever a run asks (defaults shown)
+    min-sites = 3                                # fewest sites in a round and in an unmasked sum
+    allow-two-sites = false                      # true only for a 2-site test bed
+    min-degree = 0                               # fewest graph neighbours; 0 = the library default for n sites
+    min-threshold = 0.667                        # threshold >= this fraction of degree + 1 share holders
+
+    [approval]                                   # only these bundles run; apps = [] refuses all (kits ship it)
     apps = ["<sha256 from the coordinator's `fedfusion app-hash`>"]
 
 Nothing is sent before ``site check`` passes; the SuperNode retries the coordinator forever by
@@ -47,6 +57,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fedfusion.client.approval import normalise_hashes
+from fedfusion.client.eval_release import DEFAULT_MIN_EVAL_CASES, parse_min_eval_cases
+from fedfusion.client.eval_release import NODE_CONFIG_KEY as EVAL_NODE_CONFIG_KEY
 from fedfusion.client.site_check import EXIT_INVALID, check_site
 from fedfusion.common.config import ConfigError, read_site_toml
 from fedfusion.common.flower_tools import tool_env
@@ -72,6 +84,8 @@ class SiteConfig:
     privacy: PrivacyPolicy = PrivacyPolicy()
     require_secure_aggregation: bool = False  # the site sends updates only masked, whatever the run config says
     approved_apps: frozenset[str] | None = None  # None: no [approval] table, every bundle may run
+    secure_aggregation: tuple[tuple[str, str], ...] = ()  # [federation] roster + [secure-aggregation] node config
+    min_eval_cases: int = DEFAULT_MIN_EVAL_CASES  # [site] min-eval-cases (client/eval_release.py)
 
     @classmethod
     def load(cls, path: str | Path) -> SiteConfig:
@@ -130,19 +144,39 @@ class SiteConfig:
                    warm=_flag(supernode, "warm", True, path, "supernode"), poll_interval=poll_interval,
                    max_restarts=max_restarts, source=path,
                    require_secure_aggregation=_flag(site, "require-secure-aggregation", False, path, "site"),
-                   privacy=_privacy_policy(raw, path), approved_apps=_approved_apps(raw, path))
+                   privacy=_privacy_policy(raw, path), approved_apps=_approved_apps(raw, path),
+                   secure_aggregation=_secure_aggregation(raw, path, resolve),
+                   min_eval_cases=parse_min_eval_cases(site.get("min-eval-cases", DEFAULT_MIN_EVAL_CASES),
+                                                       f"{path}: [site]"))
 
     def node_config(self) -> str:
         """Flower's ``--node-config`` string: what the ClientApp reads to find this site's data."""
         pairs = {"manifest": str(self.manifest), "schema": str(self.schema), "site-id": self.site_id,
                  "device": self.device, **self.privacy.node_config()}
+        pairs[EVAL_NODE_CONFIG_KEY] = str(self.min_eval_cases)  # read by client/eval_release.py
+        if self.auth_private_key is not None and "signing-key" not in pairs:  # replies are signed with it
+            pairs["signing-key"] = str(self.auth_private_key)  # (client/reply_signing.py, secure agg.)
         if self.require_secure_aggregation:  # checked by client/secure_aggregation.refuse_unmasked_update
             pairs["require-secure-aggregation"] = "true"
+        pairs.update(self.secure_aggregation)  # roster and policy: read by client/secagg_identity.py
         if self.source is not None:  # every reply is recorded here before it leaves (client/audit_mod.py)
             from fedfusion.client.audit import audit_path_for
 
             pairs["audit-log"] = str(audit_path_for(self.source))
         return " ".join(f'{k}="{v}"' for k, v in pairs.items())
+
+
+def _secure_aggregation(raw: dict, path: Path, resolve: Callable[[str], Path]) -> tuple[tuple[str, str], ...]:
+    """``[federation] roster`` and ``[secure-aggregation]`` (client/secagg_identity.py parses them)."""
+    from fedfusion.client.secagg_identity import node_config_from_site_toml
+
+    auth = raw.get("auth")
+    key = auth.get("private-key") if isinstance(auth, dict) else None
+    try:
+        pairs = node_config_from_site_toml(raw, path, resolve(key) if isinstance(key, str) else None)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return tuple(sorted(pairs.items()))
 
 
 def _flag(table: dict, key: str, default: bool, path: Path, name: str) -> bool:
@@ -171,7 +205,17 @@ def _approved_apps(raw: dict, path: Path) -> frozenset[str] | None:
 
 
 def _privacy_policy(raw: dict, path: Path) -> PrivacyPolicy:
-    """``[privacy]`` of site.toml (none: no policy); the ledger defaults to a file beside site.toml."""
+    """``[privacy]`` of site.toml (none: no policy); the ledger defaults to a file beside site.toml.
+
+    The site's audit log rides along as the ledger's witness: a ledger file missing while the log
+    shows ε spent is refused, not read as empty (client/ledger.py)."""
+    from fedfusion.client.audit import audit_path_for
+
+    policy = _privacy_table(raw, path)
+    return replace(policy, audit_log=str(audit_path_for(path)))
+
+
+def _privacy_table(raw: dict, path: Path) -> PrivacyPolicy:
     default_ledger = str((path.parent / LEDGER_FILENAME).resolve())
     table = raw.get("privacy")
     if table is None:
@@ -221,8 +265,9 @@ def check_auth_keys(cfg: SiteConfig) -> list[str]:
     try:
         data = key_path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"{where} {key_path}: cannot read it ({err.strerror}); it is site.key from the kit, "
-                          "readable by the user running 'fedfusion site start'") from None
+        raise ConfigError(f"{where} {key_path}: cannot read it ({err.strerror}); it is site.key from the kit (or the "
+                          "one `fedfusion site keygen` made here), readable by the user running 'fedfusion site start'"
+                          ) from None
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -289,6 +334,14 @@ def start_site(config_path: str | Path) -> int:
     if not cfg.insecure and cfg.auth_private_key is None:
         print("note: no [auth] private-key: this site can join only a coordinator started with --no-node-auth",
               file=sys.stderr)
+    from fedfusion.client.ledger import PrivacyLedger
+    from fedfusion.common.privacy_policy import PrivacyError
+
+    try:  # a lost ledger would silently reset every budget: refuse before connecting
+        PrivacyLedger.for_policy(cfg.privacy, cfg.site_id).check_present()
+    except PrivacyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
     code = check_site(cfg.manifest, cfg.schema, check_images=True)
     if code != 0:
         print(f"site {cfg.site_id}: not starting, fix the manifest first", file=sys.stderr)

@@ -17,6 +17,14 @@ old or the new ledger, never half of one. Charges hold an exclusive ``flock`` on
 so two ClientApp processes cannot both spend the last of a budget. An unreadable ledger stops
 training (restore it from backup; deleting it would forget what was spent).
 
+**A missing ledger is not an empty one** once the site has spent budget. Two witnesses outlive the
+ledger file: a marker ``<ledger>.spent`` written with the first charge (it catches the ledger file
+deleted or moved on its own), and the site's audit log (``[site] audit-log``, usually in the state
+folder), whose train replies record the ε spent. If either shows spending and the ledger file is
+gone, every read raises :class:`LedgerMissing`: the site refuses to start and refuses train
+messages until the ledger is restored from backup. Only a site with neither (its first start) reads
+a missing ledger as empty.
+
 Layout (``format`` 1)::
 
     {"format": 1, "studies": {"<study>": {"entries": [
@@ -38,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfusion.common.privacy import calibrate_noise, epsilon_of
-from fedfusion.common.privacy_policy import BudgetExceeded, PrivacyError, PrivacyTerms
+from fedfusion.common.privacy_policy import BudgetExceeded, PrivacyError, PrivacyPolicy, PrivacyTerms
 from fedfusion.common.results import fsync_dir
 
 FORMAT = 1
@@ -63,12 +71,64 @@ class Charge:
     delta: float
 
 
-class PrivacyLedger:
-    """Accountant history per study in ``path``; ε with ``accountant`` (``rdp``, ``prv`` or ``gdp``)."""
+class LedgerMissing(PrivacyError):
+    """The ledger file is gone but the site has spent budget before: reading it as empty would reset it."""
 
-    def __init__(self, path: str | Path, accountant: str = "rdp") -> None:
+
+class PrivacyLedger:
+    """Accountant history per study in ``path``; ε with ``accountant`` (``rdp``, ``prv`` or ``gdp``).
+
+    ``audit_log`` is the site's audit log, consulted only when the ledger file is missing (see the
+    module docstring); with ``site_id`` only that site's lines count (sites sharing a host, as in
+    the loopback rehearsal, may share one log but keep one ledger each).
+    """
+
+    def __init__(self, path: str | Path, accountant: str = "rdp", audit_log: str | Path | None = None,
+                 site_id: str | None = None) -> None:
         self.path = Path(path)
         self.accountant = accountant
+        self.audit_log = Path(audit_log) if audit_log else None
+        self.site_id = site_id
+
+    @classmethod
+    def for_policy(cls, policy: PrivacyPolicy, site_id: str | None = None) -> PrivacyLedger:
+        """The ledger a site's policy names, with the site's audit log as its witness."""
+        return cls(policy.ledger, policy.accountant, audit_log=policy.audit_log or None, site_id=site_id)
+
+    @property
+    def marker(self) -> Path:
+        """Written with the first charge; its presence without the ledger means the ledger was lost."""
+        return self.path.with_name(self.path.name + ".spent")
+
+    def check_present(self) -> None:
+        """Raise :class:`LedgerMissing` when the ledger file is gone but the site has spent before."""
+        if self.path.exists():
+            return
+        evidence = self._spending_evidence()
+        if evidence:
+            raise LedgerMissing(
+                f"privacy ledger {self.path} is missing, but this site has spent privacy budget before "
+                f"({evidence}); reading it as empty would reset every budget. The site will not train until "
+                f"the ledger is restored from backup to {self.path}"
+            )
+
+    def _spending_evidence(self) -> str:
+        """Why we know this site has charged ε before ("" when nothing says so)."""
+        if self.marker.exists():
+            return f"marker {self.marker} was written with its first charge"
+        if self.audit_log is None or not self.audit_log.is_file():
+            return ""
+        from fedfusion.client.audit import AuditLogError, iter_records
+
+        try:
+            for number, record in enumerate(iter_records(self.audit_log), start=1):
+                epsilon = record.get("epsilon")
+                mine = self.site_id is None or record.get("site_id") == self.site_id
+                if mine and isinstance(epsilon, int | float) and epsilon > 0:
+                    return f"audit log {self.audit_log} line {number} records a reply with ε = {epsilon:g}"
+        except (AuditLogError, OSError) as err:
+            return f"the audit log {self.audit_log} cannot be read to prove otherwise ({err})"
+        return ""
 
     # ---------------------------------------------------------------------------------- reading
 
@@ -189,6 +249,7 @@ class PrivacyLedger:
         try:
             text = self.path.read_text()
         except FileNotFoundError:
+            self.check_present()  # raises when the site has spent before: missing is not empty
             return {"format": FORMAT, "studies": {}}
         except OSError as err:
             raise PrivacyError(
@@ -221,6 +282,8 @@ class PrivacyLedger:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
+        if not self.marker.exists():
+            self.marker.write_text(f"{self.path.name} first charged {datetime.now(UTC).isoformat()}\n")
         fsync_dir(self.path.parent)
 
     @contextlib.contextmanager
@@ -271,7 +334,7 @@ def privacy_status(site_config: str | Path, as_json: bool = False) -> int:
     try:
         cfg = SiteConfig.load(site_config)
         policy = cfg.privacy
-        ledger = PrivacyLedger(policy.ledger, policy.accountant)
+        ledger = PrivacyLedger.for_policy(policy, cfg.site_id)
         rows = status_rows(ledger, policy.max_epsilon, policy.delta)
     except (ConfigError, PrivacyError) as err:
         print(f"error: {err}", file=sys.stderr)

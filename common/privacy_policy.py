@@ -55,11 +55,15 @@ class PrivacyPolicy:
     """What a site allows for sample-level DP (``site.toml`` ``[privacy]``).
 
     ``max_epsilon`` is the most ε (at ``delta``) the site spends on one study, over every round, run
-    and restart; ``max_epsilon_all_studies`` optionally caps all studies together (a coordinator
-    cannot then escape a budget by renaming its study). ``required`` is True when the site wrote a
+    and restart; ``max_epsilon_all_studies`` caps all studies together. The coordinator names the
+    study, so a per-study cap alone could be escaped by renaming it: a ``[privacy]`` table without
+    ``max-epsilon-all-studies`` therefore caps all studies at ``max-epsilon`` too (a site that wants
+    several studies raises it explicitly). ``required`` is True when the site wrote a
     ``[privacy]`` table: it then trains only with sample-level DP-SGD. A site without one has the
     defaults below, enforces nothing and follows the run's request (which must then name a finite
-    ``target-epsilon``). ``ledger`` is the ledger file's path ("" = the caller's default).
+    ``target-epsilon``). ``ledger`` is the ledger file's path ("" = the caller's default);
+    ``audit_log`` the site's audit log, which the ledger consults when its file is missing (a site
+    whose log shows ε spent must not read a deleted ledger as an empty one, see client/ledger.py).
     """
 
     max_epsilon: float = math.inf
@@ -70,6 +74,7 @@ class PrivacyPolicy:
     max_epsilon_all_studies: float = math.inf
     ledger: str = ""
     required: bool = False
+    audit_log: str = ""
 
     #: ``[privacy]`` table keys (also the node-config keys, with ``privacy-`` in front).
     KEYS = {
@@ -113,6 +118,8 @@ class PrivacyPolicy:
                 kwargs[attr] = str(value)
             else:
                 kwargs[attr] = _positive(value, f"[privacy] {key}", source, allow_zero=attr == "min_noise_multiplier")
+        if "max_epsilon_all_studies" not in kwargs:  # renaming the study must not buy a fresh budget
+            kwargs["max_epsilon_all_studies"] = kwargs["max_epsilon"]
         ledger = kwargs.get("ledger", "")
         if ledger and base_dir is not None and not Path(ledger).is_absolute():
             kwargs["ledger"] = str((base_dir / ledger).resolve())
@@ -132,12 +139,14 @@ class PrivacyPolicy:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], default_ledger: str | Path = "") -> PrivacyPolicy:
-        """The policy a SuperNode was started with (see :meth:`node_config`)."""
+        """The policy a SuperNode was started with (see :meth:`node_config`); ``audit-log`` is the
+        site's audit log (set by ``site start``), the ledger's witness of budget already spent."""
         table = {k[len(NODE_CONFIG_PREFIX) :]: v for k, v in node_config.items() if k.startswith(NODE_CONFIG_PREFIX)}
         ledger = str(table.pop("ledger", "") or default_ledger)
+        audit_log = str(node_config.get("audit-log", "") or "")
         if "max-epsilon" not in table:
-            return cls(ledger=ledger)
-        return replace(cls.from_table(table, "node config"), ledger=ledger)
+            return cls(ledger=ledger, audit_log=audit_log)
+        return replace(cls.from_table(table, "node config"), ledger=ledger, audit_log=audit_log)
 
 
 def simulated_site_policy(path: str | Path, site: str) -> PrivacyPolicy:

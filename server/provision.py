@@ -20,13 +20,18 @@ Layout written under ``--out`` (folders 0700, private keys 0600)::
     coordinator/server.pem     SuperLink certificate: SANs for every --superlink-host + localhost/127.0.0.1/::1
     coordinator/server.key     its private key
     coordinator/sites/ID.pub   each authorised site's public key (OpenSSH), registered at start
-    ID/ca.pem, ID/site.key, ID/site.pub, ID/site.toml, ID/README.md   one kit per site
+    coordinator/roster.json    every site's public key (common/roster.py), the same file as in each site kit
+    ID/ca.pem, ID/site.key, ID/site.pub, ID/site.toml, ID/roster.json, ID/README.md   one kit per site
+
+With ``site_keys`` (``--site-keys DIR``: ``DIR/ID.pub`` made by the site with ``fedfusion site keygen``)
+a kit carries no private key at all: the site keeps the one it generated. This is the recommended path;
+otherwise the coordinator generates each site's key and must hand it over securely. The site.toml of
+every kit is safe by default (server/kit_files.py): approval, masking, DP budgets and the roster on.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import ipaddress
 import os
 import re
@@ -40,6 +45,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedfusion.common.roster import ROSTER_FILENAME, RosterError, write_roster
+from fedfusion.server.kit_files import SITE_KEY, SITE_PUB, site_readme, site_toml, top_readme
+
 DEFAULT_PORT = 9092
 DEFAULT_DAYS = 825
 CA_MIN_DAYS = 3650
@@ -51,8 +59,6 @@ RESERVED_NAMES = frozenset({"ca", "coordinator", "sites"})
 _SITE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
-SITE_KEY = "site.key"
-SITE_PUB = "site.pub"
 
 
 class ProvisionError(ValueError):
@@ -206,12 +212,6 @@ def make_site_key() -> tuple[bytes, bytes]:
     return private, public
 
 
-def fingerprint(data: bytes) -> str:
-    """SHA-256 of a file's bytes, grouped for reading aloud when a site confirms its kit by phone."""
-    digest = hashlib.sha256(data).hexdigest()
-    return ":".join(digest[i:i + 4] for i in range(0, 32, 4))
-
-
 # --- writing --------------------------------------------------------------------------------------
 
 
@@ -245,102 +245,76 @@ def _occupied(path: Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
-def site_toml(site_id: str, address: str, *, schema: str | None) -> str:
-    """The site.toml template of a kit: TLS and node authentication filled in, data paths to edit."""
-    schema_line = (f'schema = "{schema}"                        # the study\'s data contract (in this kit)'
-                   if schema else 'schema = "/etc/fedfusion/schema.json"   # EDIT: schema.json from the coordinator')
-    return f"""# site.toml for {site_id}, written by `fedfusion provision`.
-# Relative paths resolve against this file's folder. Edit the lines marked EDIT, then:
-#   fedfusion site check MANIFEST --schema SCHEMA && fedfusion site start site.toml
-[site]
-id = "{site_id}"
-manifest = "/srv/fedfusion/manifest.csv"        # EDIT: your manifest (one row per patient)
-{schema_line}
-device = "auto"                                 # auto, cpu, cuda, cuda:1
-# audit-log = "/var/lib/fedfusion/audit.jsonl"  # default: audit.jsonl beside this file
-
-[coordinator]
-address = "{address}"
-root-certificates = "ca.pem"                    # the federation CA: the site checks the coordinator against it
-
-[auth]
-private-key = "{SITE_KEY}"                        # this site's SuperNode key (keep it 0600, never send it anywhere)
-public-key = "{SITE_PUB}"                         # the coordinator registered this one; checked against private-key
-
-[supernode]
-port = 9094                                     # loopback only; one per SuperNode on a host
-"""
-
-
-def _site_readme(site_id: str, address: str, ca_pem: bytes, public_key: bytes, has_schema: bool) -> str:
-    schema_line = "- `schema.json`: the study's data contract.\n" if has_schema else ""
-    return f"""# fedfusion site kit: {site_id}
-
-From the coordinator of the federation. Install it on the site host, readable only by the user that
-runs `fedfusion site start` (the `fedfusion` service user): the folder 0700, `{SITE_KEY}` 0600.
-
-- `ca.pem`: the federation CA certificate. The site accepts only a coordinator whose certificate this
-  CA signed (TLS).
-- `{SITE_KEY}`: **secret**, this site's private key (OpenSSH, ECDSA P-256). It proves to the coordinator
-  that requests come from this site. Never copy it anywhere else; nobody else needs it.
-- `{SITE_PUB}`: the matching public key. The coordinator has registered it.
-- `site.toml`: the site config. Edit `manifest` (and `schema`), then start.
-{schema_line}
-The site connects **outbound** to `{address}` (HTTPS); nothing at the site listens on the network.
-
-Confirm with the coordinator by phone that these fingerprints (SHA-256 of the files) match theirs:
-
-- `ca.pem`: `{fingerprint(ca_pem)}`
-- `{SITE_PUB}`: `{fingerprint(public_key)}`
-
-Then:
-
-```bash
-fedfusion site check /srv/fedfusion/manifest.csv --schema schema.json
-fedfusion site start site.toml
-```
-
-If the log says `Failed to activate SuperNode`, the coordinator has not registered `{SITE_PUB}`. If it
-says `certificate verify failed`, `ca.pem` is not the CA of the coordinator at `{address}` (or a proxy
-intercepts TLS). The full guide is docs/hospital-it.md.
-"""
-
-
-def _top_readme(sites: Sequence[str], hosts: Sequence[str], port: int) -> str:
-    site_lines = "\n".join(f"- `{s}/`: to site `{s}` only, over a secure channel." for s in sites)
-    return f"""# fedfusion kits
-
-Written by `fedfusion provision` for the SuperLink at {', '.join(hosts)} (port {port}).
-
-- `ca/`: to **nobody**. Keep `ca.key` offline (an encrypted USB stick, a vault); it is only needed to
-  issue a new SuperLink certificate.
-- `coordinator/`: to the coordinator host. `fedfusion coordinator start --kit coordinator/ ...` turns on
-  TLS and node authentication and registers every key in `coordinator/sites/`.
-{site_lines}
-
-Adding a site later: `fedfusion provision --add --sites NEW --superlink-host {hosts[0]} --out THIS_FOLDER`,
-copy `coordinator/sites/NEW.pub` to the coordinator and run `fedfusion coordinator register-sites` there
-(or restart the coordinator).
-"""
-
-
 @dataclass(frozen=True)
 class ProvisionResult:
     root: Path
     sites: tuple[str, ...]
     hosts: tuple[str, ...]
+    roster_fingerprint: str = ""  # what every site compares when it installs roster.json
+    own_keys: tuple[str, ...] = ()  # sites whose kit holds no private key (they made their own)
+    roster_sites: tuple[str, ...] = ()  # every site on the roster written now
 
 
-def provision(out: Path, sites: Sequence[str], hosts: Sequence[str], *, port: int = DEFAULT_PORT,
+def site_public_keys(folder: Path, site_ids: Sequence[str] | None) -> dict[str, bytes]:
+    """``folder/ID.pub`` for each site (every ``*.pub`` when ``site_ids`` is None), as OpenSSH lines.
+
+    The roster and secure aggregation sign with ECDSA P-256 (common/roster.py), so any other key is
+    refused here, before anything is written, with the command that makes a usable one.
+    """
+    if not folder.is_dir():
+        raise ProvisionError(f"--site-keys {folder}: no such folder (expected one SITE.pub per site, "
+                             "each from that site's `fedfusion site keygen`)")
+    ids = list(site_ids) if site_ids is not None else sorted(f.name.removesuffix(".pub") for f in folder.glob("*.pub"))
+    missing = [s for s in ids if not (folder / f"{s}.pub").is_file()]
+    if missing or not ids:
+        raise ProvisionError(f"--site-keys {folder}: no public key for {', '.join(missing) or 'any site'}; expected "
+                             f"{', '.join(f'{s}.pub' for s in missing) or 'SITE.pub files'} (the site.pub each site's "
+                             "`fedfusion site keygen` wrote, renamed to its site id)")
+    keys = {}
+    for site in ids:
+        path = folder / f"{site}.pub"
+        key = load_site_public_key(path)
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ProvisionError(f"{path}: the federation roster needs an ECDSA P-256 key (ecdsa-sha2-nistp256), got "
+                                 f"{key.curve.name}; make one with `fedfusion site keygen --out DIR` "
+                                 "(or `ssh-keygen -t ecdsa -b 256`)")
+        keys[site] = path.read_bytes().strip() + b"\n"
+    return keys
+
+
+def _write_rosters(layout: KitLayout) -> tuple[str, tuple[str, ...]]:
+    """roster.json from every key in ``coordinator/sites/``, into the coordinator kit and every site kit
+    found under the output folder; returns the roster's fingerprint and its sites."""
+    lines = {f.name.removesuffix(".pub"): f.read_text().strip() for f in sorted(layout.authorised_keys.glob("*.pub"))}
+    try:
+        roster = write_roster(layout.coordinator / ROSTER_FILENAME, lines)
+    except RosterError as err:
+        raise ProvisionError(f"cannot write the federation roster: {err}") from None
+    for site in lines:
+        if (layout.site(site) / "site.toml").is_file():
+            write_roster(layout.site(site) / ROSTER_FILENAME, lines)
+    return roster.fingerprint, tuple(sorted(lines))
+
+
+def provision(out: Path, sites: str | Sequence[str] | None, hosts: Sequence[str], *, port: int = DEFAULT_PORT,
               days: int = DEFAULT_DAYS, schema: Path | None = None, force: bool = False,
-              add: bool = False) -> ProvisionResult:
+              add: bool = False, approved_apps: Sequence[str] = (), site_keys: Path | None = None,
+              ) -> ProvisionResult:
     """Write a federation's kits under ``out`` (see the module docstring for the layout).
 
-    ``add`` adds site kits to an existing ``out`` (reusing its CA certificate; no CA key needed);
-    ``force`` replaces existing kits instead of refusing: keys replaced on a running coordinator
-    must be registered again and the old ones unregistered (``flwr supernode unregister``).
+    ``sites`` is ``"a,b,c"`` or a list of ids (None: every ``SITE.pub`` in ``site_keys``).
+    ``add`` adds site kits to an existing ``out`` (reusing its CA certificate; no CA key needed) and
+    rewrites the roster of every kit there; ``force`` replaces existing kits instead of refusing:
+    keys replaced on a running coordinator must be registered again and the old ones unregistered
+    (``flwr supernode unregister``). ``approved_apps``: bundle hashes for ``[approval] apps`` (none:
+    the kits refuse every bundle until the site adds one). ``site_keys``: a folder of ``SITE.pub``
+    made by the sites themselves; those kits hold no private key.
     """
-    site_ids = parse_sites(list(sites))
+    if sites is None and site_keys is None:
+        raise ProvisionError("give --sites (e.g. --sites st-marys,charite,ucl) or --site-keys DIR")
+    site_ids = parse_sites(sites) if sites is not None else None
+    own_keys = site_public_keys(site_keys, site_ids) if site_keys is not None else {}
+    site_ids = site_ids if site_ids is not None else parse_sites(list(own_keys))
     if not 1 <= port <= 65535:
         raise ProvisionError(f"--port must be between 1 and 65535, got {port}")
     if days < 1:
@@ -385,7 +359,7 @@ def provision(out: Path, sites: Sequence[str], hosts: Sequence[str], *, port: in
         _write(layout.coordinator / "server.key", _key_pem(server_key), private=True)
         if schema is not None:
             _write(layout.coordinator / "schema.json", schema.read_bytes())
-        _write(out / "README.md", _top_readme(site_ids, host_list, port))
+        _write(out / "README.md", top_readme(site_ids, host_list, port))
 
     _mkdir_private(layout.authorised_keys)
     for site_id in site_ids:
@@ -393,20 +367,28 @@ def provision(out: Path, sites: Sequence[str], hosts: Sequence[str], *, port: in
         if folder.is_dir():
             shutil.rmtree(folder)
         _mkdir_private(folder)
-        private, public = make_site_key()
-        public_line = public + f" fedfusion-site-{site_id}\n".encode()
+        own = site_id in own_keys
+        if own:  # the site made its key pair: only the public half ever reaches the coordinator
+            public_line = own_keys[site_id]
+        else:
+            private, public = make_site_key()
+            public_line = public + f" fedfusion-site-{site_id}\n".encode()
+            _write(folder / SITE_KEY, private, private=True)
         _write(folder / "ca.pem", ca_pem)
-        _write(folder / SITE_KEY, private, private=True)
         _write(folder / SITE_PUB, public_line)
-        _write(folder / "site.toml", site_toml(site_id, address, schema="schema.json" if schema else None))
+        _write(folder / "site.toml", site_toml(site_id, address, schema="schema.json" if schema else None,
+                                               approved_apps=approved_apps, own_key=own))
         if schema is not None:
             _write(folder / "schema.json", schema.read_bytes())
-        _write(folder / "README.md", _site_readme(site_id, address, ca_pem, public_line, schema is not None))
+        _write(folder / "README.md", site_readme(site_id, address, ca_pem, public_line, schema is not None,
+                                                 own_key=own))
         _write(layout.authorised_keys / f"{site_id}.pub", public_line)
+    roster_fingerprint, roster_sites = _write_rosters(layout)
     if add:  # the overview lists every kit in the folder, old and new
-        every_site = sorted(f.name.removesuffix(".pub") for f in layout.authorised_keys.glob("*.pub"))
-        _write(out / "README.md", _top_readme(every_site, host_list, port))
-    return ProvisionResult(root=out, sites=tuple(site_ids), hosts=tuple(host_list))
+        _write(out / "README.md", top_readme(list(roster_sites), host_list, port))
+    return ProvisionResult(root=out, sites=tuple(site_ids), hosts=tuple(host_list),
+                           roster_fingerprint=roster_fingerprint, own_keys=tuple(s for s in site_ids if s in own_keys),
+                           roster_sites=roster_sites)
 
 
 def authorised_site_keys(path: Path) -> dict[str, Path]:

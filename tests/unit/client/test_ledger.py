@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedfusion.cli import main
-from fedfusion.client.ledger import PrivacyLedger
+from fedfusion.client.ledger import LedgerMissing, PrivacyLedger
 from fedfusion.common.privacy import epsilon_of
 from fedfusion.common.privacy_policy import BudgetExceeded, PrivacyError, PrivacyTerms
 
@@ -164,3 +164,134 @@ def test_privacy_status_prints_spent_and_remaining(tmp_path: Path, capsys: pytes
     assert row["remaining"] == pytest.approx(3.0 - charge.epsilon_after)
     assert main(["privacy", "status", str(config)]) == 0
     assert "brca" in capsys.readouterr().out
+
+
+# --- a deleted ledger is not an empty one (issue 16 item 7) ------------------------------------------------
+
+
+def _spend(ledger: PrivacyLedger, study: str = "s") -> None:
+    ledger.charge(study, sample_rate=0.25, steps=4, terms=_terms(5.0, noise=1.0))
+
+
+def test_first_ever_start_reads_a_missing_ledger_as_empty_and_can_charge(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json", audit_log=tmp_path / "audit.jsonl")
+    ledger.check_present()  # no ledger, no marker, no audit log: a site that never trained
+    assert ledger.studies() == {}
+    _spend(ledger)
+    assert ledger.epsilon("s", DELTA) > 0 and ledger.marker.is_file()
+
+
+def test_a_ledger_deleted_after_a_charge_is_refused_because_of_its_marker(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json")
+    _spend(ledger)
+    ledger.path.unlink()
+    for read in (ledger.studies, lambda: ledger.epsilon("s", DELTA), lambda: _spend(ledger)):
+        with pytest.raises(LedgerMissing, match=r"privacy-ledger\.json is missing.*marker.*restored from backup"):
+            read()
+    assert not ledger.path.exists()  # the refused charge did not start a fresh, empty ledger
+
+
+def test_a_ledger_and_marker_deleted_are_still_refused_when_the_audit_log_shows_spending(tmp_path: Path) -> None:
+    from fedfusion.client.audit import AuditLog
+
+    audit = tmp_path / "state" / "audit.jsonl"  # another folder than the ledger's, as in the shipped deployments
+    audit.parent.mkdir()
+    log = AuditLog(audit, "A")
+    log.record_reply({}, {"num-examples": 8}, run_id=1, server_round=1, message_type="evaluate")
+    log.record_reply({}, {"num-examples": 8, "epsilon": 0.7}, run_id=1, server_round=1, message_type="train")
+    ledger = PrivacyLedger(tmp_path / "privacy-ledger.json", audit_log=audit, site_id="A")
+    with pytest.raises(LedgerMissing, match=r"audit\.jsonl line 2 records a reply with ε = 0\.7"):
+        ledger.studies()
+    # Sites sharing a host may share the log but not the ledger: A's spending says nothing about B's ledger.
+    assert PrivacyLedger(tmp_path / "ledger-B.json", audit_log=audit, site_id="B").studies() == {}
+    quiet = tmp_path / "quiet.jsonl"  # replies without ε (DP off) are no evidence of spending
+    AuditLog(quiet, "A").record_reply({}, {"num-examples": 8}, run_id=1, server_round=1, message_type="train")
+    assert PrivacyLedger(tmp_path / "other-ledger.json", audit_log=quiet).studies() == {}
+
+
+def _site_toml(folder: Path, manifest: Path, schema: Path, extra: str = "") -> Path:
+    config = folder / "site.toml"
+    config.write_text(f'[site]\nid = "A"\nmanifest = "{manifest}"\nschema = "{schema}"\ndevice = "cpu"\n'
+                      '[coordinator]\naddress = "127.0.0.1:1"\ninsecure = true\n'
+                      "[privacy]\nmax-epsilon = 1.0\ndelta = 1e-5\n" + extra)
+    return config
+
+
+def test_privacy_status_and_site_start_refuse_a_missing_ledger(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    config = _site_toml(tmp_path, tmp_path / "m.csv", tmp_path / "s.json")
+    assert main(["privacy", "status", str(config)]) == 0  # first start: nothing spent, nothing missing
+    assert "no study has spent" in capsys.readouterr().out
+    _spend(PrivacyLedger(tmp_path / "privacy-ledger.json"))
+    (tmp_path / "privacy-ledger.json").unlink()
+    assert main(["privacy", "status", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: privacy ledger") and "is missing" in err and len(err.splitlines()) == 1
+    assert main(["site", "start", str(config)]) != 0  # before reading the data or starting any process
+    assert "is missing" in capsys.readouterr().err
+
+
+# --- renaming the study buys nothing (issue 16 item 5), through the real ClientApp train handler -----------
+
+
+def _train(app_config: dict, node_config: dict, schema_path: Path) -> object:
+    """One train message through the real ClientApp (audit mod, refusal mods, handler) at site A."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedfusion.client.app import make_client_app
+    from fedfusion.client.runtime import load_site
+    from fedfusion.common.config import ModelConfig
+    from fedfusion.common.records import model_to_arrays
+
+    site = load_site(node_config["manifest"], str(schema_path), "A", "cpu")
+    arrays = model_to_arrays(site.build_model(ModelConfig(fusion="concat")))
+    saved = {attr: getattr(TaskIdentity, attr) for attr in ("_task_id", "_run_id", "_node_id")}
+    for attr, value in (("_task_id", 1), ("_run_id", 7), ("_node_id", 5)):  # Flower's runtime sets these
+        setattr(TaskIdentity, attr, value)
+    try:
+        msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
+                      dst_node_id=5, message_type="train")
+        return make_client_app(app_config)(msg, Context(run_id=7, node_id=5, node_config=node_config,
+                                                        state=RecordDict(), run_config={}))
+    finally:
+        for attr, value in saved.items():
+            setattr(TaskIdentity, attr, value)
+
+
+def test_a_new_study_name_is_refused_at_the_all_studies_cap_and_the_ledger_is_unchanged(tmp_path: Path) -> None:
+    from flwr.common.config import parse_config_args
+
+    from fedfusion.client.daemon import SiteConfig
+    from fedfusion.common.records import REFUSED_KEY, SITE_KEY
+    from tests.dashboard_runs import toy_schema
+    from tests.sitegen import make_site
+
+    schema_path = toy_schema().save(tmp_path / "schema.json")
+    manifest = make_site(tmp_path / "data", n=40, seed=1)
+    config = _site_toml(tmp_path, manifest, schema_path)  # max-epsilon = 1, no max-epsilon-all-studies
+    cfg = SiteConfig.load(config)
+    assert cfg.privacy.max_epsilon_all_studies == 1.0  # the default: the per-study cap
+    node_config = parse_config_args([cfg.node_config()])  # what `site start` hands the SuperNode
+    run = {"schema": str(schema_path), "fusion": "concat", "seed": 1, "num-server-rounds": 1, "local-epochs": 1,
+           "local-batch-size": 16, "dp-mode": "sample"}
+
+    spent = _train({**run, "study": "study-a"}, node_config, schema_path)  # σ calibrated: round 1 ends at the cap
+    assert not spent.has_error() and REFUSED_KEY not in spent.content[SITE_KEY], spent.content
+    ledger = PrivacyLedger.for_policy(cfg.privacy)
+    assert 0.9 <= ledger.epsilon("study-a", 1e-5) <= 1.0
+    before = ledger.path.read_bytes()
+
+    renamed = _train({**run, "study": "study-b"}, node_config, schema_path)
+    refusal = str(renamed.content[SITE_KEY][REFUSED_KEY])
+    assert "study 'study-b'" in refusal and "max-epsilon-all-studies = 1" in refusal, refusal
+    assert "arrays" not in renamed.content  # nothing trained, nothing sent
+    assert ledger.path.read_bytes() == before and "study-b" not in ledger.studies()
+
+    # The ledger deleted after that: the audit log (beside site.toml) shows ε spent, so train is refused too.
+    ledger.path.unlink()
+    ledger.marker.unlink()
+    again = _train({**run, "study": "study-a"}, node_config, schema_path)
+    assert "is missing" in str(again.content[SITE_KEY][REFUSED_KEY]) and "audit.jsonl line" in str(
+        again.content[SITE_KEY][REFUSED_KEY])
+    assert not ledger.path.exists()

@@ -262,6 +262,20 @@ def test_compose_site_kits_agree_with_the_mounts() -> None:
     assert len(set(ids)) == len(ids), "site ids must be unique"
 
 
+def test_compose_site_kits_are_safe_by_default() -> None:
+    """The shipped site.toml files refuse every bundle until a hash is pasted, never send an update
+    unmasked, cap ε per study and over all studies, and trust the kit's roster (issue 16 item 4)."""
+    for name, service in _sites(_compose()).items():
+        kit = next(DEPLOY / s for s, t, _ in _mounts(service) if t == "/kit")
+        cfg = SiteConfig.load(kit / "site.toml")
+        assert cfg.approved_apps == frozenset(), f"{name}: [approval] apps = [] (refuse all) until the hash is set"
+        assert cfg.require_secure_aggregation, name
+        assert cfg.privacy.required and cfg.privacy.max_epsilon_all_studies == cfg.privacy.max_epsilon == 3.0, name
+        raw = tomllib.loads((kit / "site.toml").read_text())
+        assert raw["privacy"]["max-epsilon-all-studies"] == 3.0, f"{name}: the all-studies cap is written explicitly"
+        assert PurePosixPath(raw["federation"]["roster"]) == PurePosixPath("/kit/roster.json"), name
+
+
 # --- Helm ------------------------------------------------------------------------------------------------
 
 
