@@ -12,6 +12,7 @@ line 2.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ import pandas as pd
 from fedfusion.common.config import Schema
 from fedfusion.common.imaging import ImageReadError, read_image
 from fedfusion.common.longitudinal import VISIT_TIMES, VISIT_VALUES, collapse_visits, visits_present
+from fedfusion.common.manifest_columns import column_fill_problems
+from fedfusion.common.manifest_text import UnreadableText, in_file_order, read_manifest_text
+from fedfusion.common.site_split import DEFAULT_SPLIT_SEED, site_split
 
 SPLITS = ("train", "val", "test")
 RESERVED_COLUMNS = ("case_id", "site", "split", "omics")
@@ -65,8 +69,8 @@ class Manifest:
 
     Numeric clinical/omics columns are float (NaN = missing), categorical columns are strings or
     None, each image modality's column (``image``, or ``image:<sequence>`` for a multi-sequence schema)
-    holds absolute paths or None, ``split`` is always filled (``"train"`` when the file has no split
-    column).
+    holds absolute paths or None, ``split`` is always filled: without a split column in the file, the
+    site draws a seeded split stratified on label/event (common/site_split.py), stated in ``split_note``.
     """
 
     path: Path
@@ -74,6 +78,7 @@ class Manifest:
     frame: pd.DataFrame
     has_split_column: bool = True
     warnings: list[str] = field(default_factory=list)
+    split_note: str = "from the manifest's split column"
 
     @property
     def root(self) -> Path:
@@ -138,23 +143,31 @@ def load_manifest(
     *,
     check_images: bool = True,
     allow_single_class: bool = False,
+    split_seed: int = DEFAULT_SPLIT_SEED,
 ) -> Manifest:
     """Read and validate a manifest; raise :class:`ManifestError` listing every problem.
 
     ``check_images`` opens every image once (slow for big sites, but it is what turns an
     unreadable scan into an error at check time rather than mid-round). ``allow_single_class``
     accepts a site whose training rows hold one class (useful for skewed simulated splits; a real
-    site with one class cannot compute AUC and usually indicates a mistake).
+    site with one class cannot compute AUC and usually indicates a mistake). Without a ``split``
+    column the site draws its split from ``split_seed`` (the same seed gives the same split in
+    ``site check``, every federated message and the baselines).
     """
     path = Path(path)
     file = str(path)
     if not path.is_file():
         raise ManifestError([ManifestIssue(file, "manifest file not found; expected a CSV file")])
     try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-        header = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True, header=None,
+        text = read_manifest_text(path)
+    except UnreadableText as err:
+        raise ManifestError([ManifestIssue(file, message, line=line, column=column)
+                             for message, line, column in err.problems]) from None
+    try:
+        raw = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True)
+        header = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=True, header=None,
                              nrows=1).iloc[0].astype(str).str.strip().tolist()
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise ManifestError([ManifestIssue(file, f"not a readable CSV file ({err})")]) from None
     twice = sorted({name for name in header if header.count(name) > 1})
     if twice:  # pandas would silently rename the second one to "name.1" and read only the first
@@ -163,13 +176,31 @@ def load_manifest(
                                            line=1, column=name) for name in twice])
     raw.columns = [str(c).strip() for c in raw.columns]
     if schema.visits is not None:
-        return _load_long(path, schema, raw, check_images=check_images, allow_single_class=allow_single_class)
-    checker = _Checker(path, schema, raw)
-    frame = checker.run(check_images=check_images, allow_single_class=allow_single_class)
-    if checker.issues:
-        raise ManifestError(checker.issues)
-    return Manifest(path=path, schema=schema, frame=frame, has_split_column="split" in raw.columns,
-                    warnings=checker.warnings)
+        manifest = _load_long(path, schema, raw, check_images=check_images, allow_single_class=allow_single_class)
+    else:
+        checker = _Checker(path, schema, raw)
+        frame = checker.run(check_images=check_images, allow_single_class=allow_single_class)
+        if checker.issues:
+            raise ManifestError(in_file_order(checker.issues, list(raw.columns)))
+        manifest = Manifest(path=path, schema=schema, frame=frame, has_split_column="split" in raw.columns,
+                            warnings=checker.warnings)
+    return manifest if manifest.has_split_column else _split_at_site(manifest, split_seed)
+
+
+def _split_at_site(manifest: Manifest, seed: int) -> Manifest:
+    """No split column: draw the site's seeded stratified split, so the site has test (and val) rows
+    instead of training on everything and failing every evaluation with an empty test set."""
+    frame, schema = manifest.frame, manifest.schema
+    on = "label" if schema.has_classification else "event"
+    strata = frame[on].astype(str) if on in frame.columns else pd.Series("all", index=frame.index)
+    try:
+        frame["split"] = site_split(strata, seed).to_numpy()
+    except ValueError as err:
+        raise ManifestError([ManifestIssue(str(manifest.path), f"no 'split' column and {err}; add a split "
+                                           f"column (train/val/test) or more cases", column="split")]) from None
+    named = schema.label_column if on == "label" else schema.event_column  # the column name the site knows
+    manifest.split_note = f"made at the site (no split column), seed {seed}, stratified on {named}"
+    return manifest
 
 
 def _load_long(path: Path, schema: Schema, raw: pd.DataFrame, *, check_images: bool,
@@ -188,7 +219,7 @@ def _load_long(path: Path, schema: Schema, raw: pd.DataFrame, *, check_images: b
         frame[VISIT_VALUES] = pd.Series(long.values, dtype=object)
         checker.check_some_modality(frame)
     relined = [replace(i, line=long.lines[i.line - 2]) if i.line is not None else i for i in checker.issues]
-    issues = sorted(visit_issues + relined, key=lambda i: (i.line or 0))
+    issues = in_file_order(visit_issues + relined, list(raw.columns))
     if issues:
         raise ManifestError(issues)
     warnings = checker.warnings
@@ -267,11 +298,24 @@ class _Checker:
             else:
                 frame[modality] = None
                 self.warnings.append(f"{self.file}: no '{column}' column: no case at this site has {what}")
+        self._check_column_fill()
         if not self.issues and (frame["split"] == "train").sum() == 0:
             self.issue("no rows in the 'train' split; a site needs training cases", column="split")
         if not self.issues and schema.visits is None:  # long format: checked once visits are attached
             self.check_some_modality(frame)
         return frame.reset_index(drop=True)
+
+    def _check_column_fill(self) -> None:
+        """An entirely empty clinical/omics column is an error, a mostly empty one a warning
+        (common/manifest_columns.py says why)."""
+        groups = {"clinical": [c.name for c in self.schema.clinical]}
+        if self.schema.omics and "omics" not in self.raw.columns:
+            groups["omics"] = list(self.schema.omics)
+        columns = [c for names in groups.values() for c in names]
+        errors, warnings = column_fill_problems(self.raw[columns].map(_is_blank), groups, self.file)
+        for column, message in errors:
+            self.issue(message, column=column)
+        self.warnings += warnings
 
     def check_some_modality(self, frame: pd.DataFrame) -> None:
         """A case with every modality blank carries nothing to learn from; the model refuses such a row."""

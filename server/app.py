@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedfusion.common.federation_config import FederationConfig
-from fedfusion.server.federation import FederationResult, run_federation
+from fedfusion.server.federation import FederationResult, RunIncomplete, run_federation
 from fedfusion.server.report import write_run_outputs
 
 
@@ -26,8 +26,10 @@ def make_server_app(overrides: Mapping[str, Any] | None = None,
         cfg = FederationConfig.from_run_config({**overrides, **dict(context.run_config)})
         result = run_federation(grid, cfg, on_round=on_round)
         write_run_outputs(result)
-        if on_done is not None:
+        if on_done is not None:  # in-process callers (simulate, experiments) get the result and decide
             on_done(result)
+        elif result.ended_early:  # deployed: failing is the only way to tell `flwr ls` / `fedfusion run`
+            raise RunIncomplete(f"{result.ended_early}; the report is in {result.run_dir}")
 
     return app
 

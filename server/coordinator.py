@@ -269,39 +269,74 @@ def default_app_dir() -> Path:
     return root
 
 
-def launch_run(state_dir: Path, run_config: Mapping[str, Any], *, app_dir: Path | None = None,
-               stream: bool = True) -> int:
-    """``flwr run APP fedfusion --run-config ...``; with ``stream`` it waits and shows the log."""
+def existing_state(state_dir: Path) -> CoordinatorPaths:
+    """The coordinator's paths, once its ``coordinator start`` wrote the flwr connection.
+
+    Checked before any ``flwr`` call: pointed at a folder without one, the flwr CLI would create a
+    default ``config.toml`` there (a file in the user's working directory) and print its own error box.
+    """
     paths = CoordinatorPaths(state_dir)
     if not (paths.flwr_home / "config.toml").is_file():
-        raise FileNotFoundError(f"{state_dir} holds no coordinator connection; run 'fedfusion coordinator start' "
-                                "with this --state-dir first")
+        shown = state_dir if state_dir.is_absolute() or str(state_dir).startswith(".") else f"./{state_dir}"
+        raise CoordinatorError(f"no coordinator state in {shown}: start one with `fedfusion coordinator start` "
+                               "(or pass the --state-dir it used)")
+    return paths
+
+
+def launch_run(state_dir: Path, run_config: Mapping[str, Any], *, app_dir: Path | None = None,
+               stream: bool = True, out: Any = None) -> int:
+    """``flwr run APP fedfusion --run-config ...``; with ``stream`` it shows the log until the run ends
+    and returns 0 only if the SuperLink reports it ``finished:completed`` (server/run_outcome.py), with
+    one line on ``out`` (stderr) saying how it ended. Detached, it returns 0 once the run is started."""
+    from fedfusion.server.run_outcome import (
+        EXIT_RUN_FAILED,
+        flwr_list_run,
+        start_failure,
+        started_run_id,
+        wait_for_outcome,
+    )
+
+    out = out or sys.stderr
+    paths = existing_state(state_dir)
+    env = tool_env({"FLWR_HOME": str(paths.flwr_home)})
     overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-    cmd = [executable("flwr"), "run", str(app_dir or default_app_dir()), CONNECTION]
+    cmd = [executable("flwr"), "run", str(app_dir or default_app_dir()), CONNECTION, "--format", "json"]
     if overrides:
         cmd += ["--run-config", overrides]
-    if stream:
-        cmd.append("--stream")
-    return subprocess.call(cmd, env=tool_env({"FLWR_HOME": str(paths.flwr_home)}))
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    run_id = started_run_id(started.stdout)
+    if run_id is None:
+        print(f"error: the SuperLink did not start the run: {start_failure(started.stdout, started.stderr)}",
+              file=out)
+        return EXIT_RUN_FAILED
+    print(f"started run {run_id}", file=out)
+    if not stream:
+        return 0
+    subprocess.call([executable("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env)
+    outcome = wait_for_outcome(flwr_list_run(executable("flwr"), CONNECTION, env), run_id)
+    print(("" if outcome.exit_code == 0 else "error: ") + outcome.message(), file=out)
+    return outcome.exit_code
 
 
 def run_status(state_dir: Path) -> int:
     """``flwr ls``: the runs the SuperLink knows, with their status."""
-    paths = CoordinatorPaths(state_dir)
+    paths = existing_state(state_dir)
+    # Piped into a script or a log, Flower's table is 80 columns wide and cuts the status to "finished:…".
+    wide = {} if sys.stdout.isatty() else {"COLUMNS": "200"}
     return subprocess.call([executable("flwr"), "ls", CONNECTION],
-                           env=tool_env({"FLWR_HOME": str(paths.flwr_home)}))
+                           env=tool_env({"FLWR_HOME": str(paths.flwr_home), **wide}))
 
 
 def stop_run(state_dir: Path, run_id: int) -> int:
     """``flwr stop``: ask the SuperLink to stop a run; its last checkpoint stays for ``fedfusion run --resume``."""
-    paths = CoordinatorPaths(state_dir)
+    paths = existing_state(state_dir)
     return subprocess.call([executable("flwr"), "stop", str(run_id), CONNECTION],
                            env=tool_env({"FLWR_HOME": str(paths.flwr_home)}))
 
 
 def list_nodes(state_dir: Path) -> list[dict[str, Any]]:
     """The SuperNodes the SuperLink knows (``flwr supernode list --format json``): id, status, online/offline times."""
-    paths = CoordinatorPaths(state_dir)
+    paths = existing_state(state_dir)
     done = subprocess.run([executable("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
                           capture_output=True, text=True, env=tool_env({"FLWR_HOME": str(paths.flwr_home)}),
                           timeout=60)

@@ -50,6 +50,8 @@ from fedfusion.common.training import primary_metric, seed_everything
 from fedfusion.server.messaging import REPLIES_FILENAME, RecordingGrid, ReplyLog, send_and_collect
 from fedfusion.server.model_selection import BestRound
 from fedfusion.server.privacy import ClientLevelDP, split_refusals
+from fedfusion.server.reply_attribution import attributing
+from fedfusion.server.run_folders import load_checkpoint_file
 from fedfusion.server.run_lock import hold_run_folder
 from fedfusion.server.secure_aggregation import check_secure_compatible, run_secure_round
 from fedfusion.server.strategy import ModalityAwareFedAvg, build_strategy
@@ -76,6 +78,15 @@ class FederationResult:
 
 class RoundFailed(RuntimeError):
     """A round in which no site returned a usable update; the run stops before checkpointing it."""
+
+
+class RunIncomplete(RuntimeError):
+    """The run ended before its last round because every site refused one (``FederationResult.ended_early``).
+
+    Raised by the deployed ServerApp *after* the run folder's report is written, so Flower records the
+    run as ``finished:failed`` and ``fedfusion run`` exits non-zero: a run that trained fewer rounds
+    than asked did not do what the coordinator asked, however cleanly it stopped.
+    """
 
 
 COUNT_KEYS = ("n", "events")
@@ -139,7 +150,8 @@ def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strat
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, weights_only=False)
+    """A checkpoint for resume: loaded with ``weights_only=True`` (see :func:`load_checkpoint_file`)."""
+    return load_checkpoint_file(path)
 
 
 def run_federation(grid: Grid, cfg: FederationConfig,
@@ -160,6 +172,7 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
     schema = load_schema(cfg.schema)
     run_dir = Path(cfg.run_dir)
     grid = RecordingGrid(grid, ReplyLog(run_dir / REPLIES_FILENAME))  # every reply received: replies.jsonl
+    grid = attributing(grid, dict(cfg.raw))  # run config `roster`: replies must be signed by roster sites
     seed_everything(cfg.seed)
     model = create_model(schema, cfg.model)
     groups = {name: group for group, names in model.parameter_groups().items() for name in names}

@@ -213,3 +213,41 @@ def test_an_unapproved_app_is_refused_before_any_data_is_read(deployment: tuple[
     ledger = json.loads((dep.folder / "privacy-ledger.json").read_text())["studies"]["approval-test"]["entries"]
     charged = sorted(e.get("site") for e in ledger if e.get("run") == run_id)
     assert charged == sorted(SITES[:2]), ledger  # the two approving sites trained under DP; the refusing one never
+
+
+def _run_status(dep: LoopbackDeployment) -> str:
+    status = subprocess.run([FEDFUSION, "status", "--state-dir", str(dep.state_dir)], capture_output=True, text=True,
+                            timeout=60)
+    assert status.returncode == 0, status.stderr
+    return status.stdout
+
+
+def test_a_run_whose_serverapp_fails_exits_non_zero_with_one_line(deployment: tuple[LoopbackDeployment, Path]) -> None:
+    """A run config the ServerApp refuses (ConfigError in the coordinator's process, after the run was
+    accepted): `flwr run --stream` would exit 0; `fedfusion run` reads the run's final status instead."""
+    dep, root = deployment
+    done = dep.run(root / "failing-run", rounds=1, settings={"model-selection": "best-test"}, timeout=300)
+    assert done.returncode == 1, (done.stdout[-3000:], done.stderr[-3000:])
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run ") and "FAILED: ServerApp failed with exception" in last, done.stderr[-3000:]
+    assert "model-selection must be one of" in last
+    assert "finished:failed" in _run_status(dep)
+
+
+def test_a_run_every_site_refuses_exits_non_zero_and_is_not_completed(
+        deployment: tuple[LoopbackDeployment, Path]) -> None:
+    """DP-SGD asked without a budget, of sites that have no privacy policy: every site refuses round 1.
+    The ServerApp writes its report, then fails: `status` must not say finished:completed for it."""
+    dep, root = deployment
+    run_dir = root / "refused-run"
+    done = dep.run(run_dir, rounds=2, settings={"local-epochs": 1, "round-timeout": 300, "dp-mode": "sample"},
+                   timeout=600)
+    assert done.returncode == 1, (done.stdout[-3000:], done.stderr[-3000:], dep.logs())
+    last = done.stderr.strip().splitlines()[-1]
+    # Deployed sites' refusals currently reach the coordinator as rejected replies ("no site returned a usable
+    # update"), in-process ones as refusals ("every site that answered refused"); either way the run failed.
+    assert "FAILED" in last and ("every site that answered refused to train" in last
+                                 or "round 1: no site returned a usable update" in last), done.stderr[-3000:]
+    run_id = last.split()[2]
+    rows = [line for line in _run_status(dep).splitlines() if f" {run_id} " in f" {line} "]
+    assert rows and all("completed" not in row for row in rows), rows

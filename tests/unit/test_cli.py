@@ -81,7 +81,7 @@ def test_simulate_scale_options_reach_the_run_config(monkeypatch: pytest.MonkeyP
 
     seen = {}
 
-    def fake_simulate(spec, on_round=None):  # the parsing is under test, not the 10,000-site run
+    def fake_simulate(spec, on_round=None, on_step=None):  # the parsing is under test, not the 10,000-site run
         seen["spec"] = spec
         report = tmp_path / "report.md"
         report.write_text("# report\n")
@@ -98,3 +98,44 @@ def test_simulate_scale_options_reach_the_run_config(monkeypatch: pytest.MonkeyP
     config = run_config_for(spec, tmp_path / "schema.json", {})
     assert (config["scale-sites"], config["scale-rows-per-site"], config["min-sites"]) == (10000, 20, 100)
     assert (config["fraction-train"], config["fraction-evaluate"], config["num-server-rounds"]) == (0.01, 0.02, 2)
+
+
+@pytest.mark.parametrize("command", [["status"], ["coordinator", "sites"], ["coordinator", "stop", "3"],
+                                     ["run", "--schema", "schema.json"]])
+def test_coordinator_commands_without_a_coordinator_write_nothing_and_say_so(tmp_path: Path,
+                                                                             command: list[str]) -> None:
+    done = _fedfusion(*command, cwd=tmp_path)
+    assert done.returncode == 2, done
+    assert done.stderr.strip() == ("error: no coordinator state in ./coordinator: start one with "
+                                   "`fedfusion coordinator start` (or pass the --state-dir it used)")
+    assert "Traceback" not in done.stderr and "╭" not in done.stdout + done.stderr  # no Flower error box
+    assert list(tmp_path.iterdir()) == []  # flwr would have created coordinator/flwr/config.toml
+
+
+@pytest.mark.parametrize(("argv", "needles"), [
+    (["simulate", "--dataset", "ovarain"], ["--dataset 'ovarain'", "did you mean 'ovarian'?", "wdbc-multimodal"]),
+    (["simulate", "--fusion", "attn"], ["--fusion 'attn'", "did you mean 'attention'?", "kronecker"]),
+    (["run", "--schema", "s.json", "--fusion", "atention"], ["did you mean 'attention'?"]),
+    (["train-local", "--manifest", "m.csv", "--schema", "s.json", "--backbone", "resnet81"],
+     ["--backbone 'resnet81'", "did you mean 'resnet18'?", "cnn_small", "timm:<any timm model>"]),
+    (["simulate", "--strategy", "fedavgg"], ["--strategy 'fedavgg'", "did you mean 'fedavg'?", "fedprox"]),
+    (["run", "--schema", "s.json", "--strategy", "fedadm"], ["did you mean 'fedadam'?"]),
+    (["simulate", "--partition", "dirichlett"], ["--partition 'dirichlett'", "did you mean 'dirichlet'?",
+                                                 "modality-missing"]),
+    (["datasets", "build", "lugn", "out"], ["'lugn'", "did you mean 'lung'?"]),
+    (["simulate", "--dataset", "exports/hospitals"], ["not a path", "--sites-dir exports/hospitals"]),
+])
+def test_a_mistyped_name_is_one_line_with_the_choices_and_exit_2(argv: list[str], needles: list[str],
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fedfusion"), err
+    assert all(needle in err for needle in needles), err
+
+
+def test_help_shows_defaults() -> None:
+    help_text = build_parser()._subparsers._group_actions[0].choices["simulate"].format_help()  # type: ignore[union-attr]
+    text = " ".join(help_text.split())  # argparse wraps lines at the terminal width
+    assert "(default: ovarian)" in text and "(default: natural)" in text and "(default: 5)" in text

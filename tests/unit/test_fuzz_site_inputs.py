@@ -204,11 +204,14 @@ MANIFEST_CASES: list[tuple[str, Edit, tuple[str, ...]]] = [
     ("utf16-bom", lambda f: f.to_csv(index=False).encode("utf-16"), ()),
     ("latin1-accents", _text(lambda t: t.replace("G2", "G\xe9")), ("'grade'",)),
     ("latin1-bytes", lambda f: f.to_csv(index=False).replace("benign", "b\xe9nign").encode("latin-1"),
-     ("not a readable CSV",)),
+     ("line 2", "'label'", "b'\\xe9'", "not UTF-8", "Save As > CSV UTF-8")),
     ("ragged-long-row", _text(lambda t: t.replace("\nP004,", "\nP004,extra,", 1)), ()),
     ("unclosed-quote", _text(lambda t: t.replace("\nP004,", '\n"P004,', 1)), ()),
-    ("tab-separated", _text(lambda t: t.replace(",", "\t")), ("missing required column",)),
-    ("semicolon-separated", _text(lambda t: t.replace(",", ";")), ("missing required column",)),
+    ("tab-separated", _text(lambda t: t.replace(",", "\t")), ("line 1", "looks tab-separated", "export with ','")),
+    ("semicolon-separated", _text(lambda t: t.replace(",", ";")), ("line 1", "looks ';'-separated",
+                                                                   "export with ','")),
+    *[(f"empty-column-{c}", lambda f, c=c: f.assign(**{c: ""}), (repr(c), "no value in any of the"))
+      for c in ("age", "grade", "gene2")],
     ("json-not-csv", _raw(b'{"case_id": "P000", "label": "benign"}'), ()),
     ("huge-values", lambda f: f.assign(age="1" + "0" * 5000), ("'age'",)),
 ]

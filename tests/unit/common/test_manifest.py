@@ -180,3 +180,61 @@ def test_a_case_with_no_modality_at_all_is_refused_with_its_line(site: Path, sch
     message = _only_issue(site, schema)
     assert "line 6" in message and "case 'P004'" in message and "no data in any modality" in message
     assert "['image', 'clinical', 'omics']" in message
+
+
+def test_an_entirely_empty_clinical_column_is_an_error_naming_file_and_column(site: Path, schema: Schema) -> None:
+    frame = pd.read_csv(site, dtype=str, keep_default_na=False)
+    frame["size_mm"] = ["", "NA", "nan", " "] * 10  # every spelling of "missing"
+    frame.to_csv(site, index=False)
+    message = _only_issue(site, schema)
+    assert message.startswith(f"{site}, column 'size_mm': no value in any of the 40 rows")
+
+
+def test_a_mostly_empty_column_is_a_warning_and_a_site_without_a_modality_is_not_an_error(
+        site: Path, schema: Schema) -> None:
+    frame = pd.read_csv(site, dtype=str, keep_default_na=False)
+    frame.loc[0:29, "age"] = ""  # 30 of 40 empty: 75 %
+    frame[[f"gene{i}" for i in range(6)]] = ""  # this site has no omics at all
+    frame.to_csv(site, index=False)
+    manifest = load_manifest(site, schema)
+    assert any("'age' 75% of 40 rows" in w for w in manifest.warnings), manifest.warnings
+    assert any("every omics column is empty" in w for w in manifest.warnings), manifest.warnings
+
+
+def test_a_latin1_file_names_each_line_column_and_bytes_and_says_save_as_utf8(site: Path, schema: Schema) -> None:
+    text = site.read_text().splitlines()
+    text[3] = text[3].replace("P002", "Pé02", 1)
+    text[7] = text[7].replace("P006", "P006ü", 1)
+    site.write_bytes(("\n".join(text) + "\n").encode("cp1252"))
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(site, schema)
+    issues = caught.value.issues
+    assert [(i.line, i.column) for i in issues] == [(4, "case_id"), (8, "case_id")]
+    assert "b'\\xe9'" in issues[0].message and "'é'" in issues[0].message
+    assert "b'\\xfc'" in issues[1].message
+    assert all("save the file as UTF-8 (Excel: Save As > CSV UTF-8)" in i.message for i in issues)
+
+
+@pytest.mark.parametrize(("separator", "named"), [(";", "';'-separated"), ("\t", "tab-separated")])
+def test_a_file_separated_by_another_character_says_so_once(site: Path, schema: Schema, separator: str,
+                                                            named: str) -> None:
+    frame = pd.read_csv(site, dtype=str, keep_default_na=False)
+    frame.to_csv(site, index=False, sep=separator)
+    message = _only_issue(site, schema)
+    assert "line 1" in message and f"the file looks {named}; export with ','" in message
+    assert "missing required column" not in message
+
+
+def test_problems_are_listed_in_line_then_column_order(site: Path, schema: Schema) -> None:
+    frame = pd.read_csv(site, dtype=str, keep_default_na=False)
+    frame.loc[7, "grade"] = "G9"
+    frame.loc[7, "age"] = "old"
+    frame.loc[2, "gene3"] = "high"
+    frame.loc[2, "label"] = "maybe"
+    frame.to_csv(site, index=False)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(site, schema)
+    columns = list(frame.columns)
+    found = [(i.line, i.column) for i in caught.value.issues]
+    assert found == sorted(found, key=lambda lc: (lc[0], columns.index(lc[1])))
+    assert [line for line, _ in found] == [4, 4, 9, 9]

@@ -33,6 +33,7 @@ def test_nodes_come_from_flowers_json_listing(tmp_path: Path, monkeypatch: pytes
         return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps(listing), stderr="")
 
     monkeypatch.setattr(coordinator.subprocess, "run", fake_run)
+    coordinator.write_connection(coordinator.CoordinatorPaths(tmp_path), "127.0.0.1:9092", insecure=True)
     assert list_nodes(tmp_path)[0]["node-id"] == "42"
     assert calls[0][1:] == ["supernode", "list", coordinator.CONNECTION, "--format", "json"]
 
@@ -40,5 +41,6 @@ def test_nodes_come_from_flowers_json_listing(tmp_path: Path, monkeypatch: pytes
 def test_an_unreachable_superlink_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(coordinator.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(
         cmd, 1, stdout="", stderr="Connection refused"))
+    coordinator.write_connection(coordinator.CoordinatorPaths(tmp_path), "127.0.0.1:9092", insecure=True)
     with pytest.raises(RuntimeError, match="could not list sites: Connection refused"):
         list_nodes(tmp_path)
