@@ -166,9 +166,8 @@ def _run_task_in_child(spec: ExecutionSpec, approved_apps: frozenset[str] | None
         os._exit(code)
 
 
-def _log_refusal(digest: str) -> None:
-    log(WARNING, "REFUSED run: app bundle sha256=%s is not in this site's [approval] apps; nothing was loaded",
-        digest)
+def _log_refusal(digest: str, reason: str) -> None:
+    log(WARNING, "REFUSED run: app bundle sha256=%s: %s", digest, reason)
 
 
 def run_warm_superexec(runtime_api_address: str, *, insecure: bool, root_certificates_path: str | None = None,

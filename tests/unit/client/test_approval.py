@@ -21,24 +21,108 @@ GOOD = "a" * 64
 REPO = Path(__file__).resolve().parents[3]
 
 
-def test_unapproved_bundle_is_refused_before_flower_loads_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def _project(root: Path, package: str, body: str, version: str = "1.0.0") -> Path:
+    """A minimal Flower app project whose ClientApp module runs ``body`` on import."""
+    root.mkdir(parents=True)
+    (root / "pyproject.toml").write_text(
+        f'[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        f'[project]\nname = "demo"\nversion = "{version}"\ndependencies = []\n'
+        f'[tool.flwr.app]\npublisher = "hosp"\n'
+        f'[tool.flwr.app.components]\nserverapp = "{package}.app:server"\nclientapp = "{package}.app:app"\n'
+        f'[tool.flwr.app.config]\nx = 1\n')
+    (root / package).mkdir()
+    (root / package / "__init__.py").write_text("")
+    (root / package / "app.py").write_text(f"{body}\nfrom flwr.clientapp import ClientApp\napp = ClientApp()\n")
+    return root
+
+
+def _build(project: Path) -> bytes:
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(project)
+
+
+@pytest.fixture()
+def flower_task(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Run Flower's install-then-load steps exactly as ``run_clientapp`` does, in a private FLWR_HOME."""
+    import sys
+
     import flwr.supernode.runtime.run_clientapp as flower_module
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    for name in ("install_from_fab", "get_load_client_app_fn"):  # restored after the test
+        monkeypatch.setattr(flower_module, name, getattr(flower_module, name))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", sys.dont_write_bytecode)
+    before = set(sys.modules)
+    yield flower_module
+
+    for name in set(sys.modules) - before:
+        if name.startswith(("goodpkg", "evilpkg", "twinpkg")):
+            del sys.modules[name]
+
+
+def _run_task(flower_module, content: bytes, fab_id: str, version: str, claimed: str) -> object:
+    """The two lines of Flower's ``run_clientapp`` that install and load a FAB (same names, same calls)."""
+    flower_module.install_from_fab(content, skip_prompt=True)
+    load = flower_module.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+    return load(fab_id, version, claimed)
+
+
+def test_approved_bundle_loads_from_its_full_hash_folder(flower_task, tmp_path: Path) -> None:
+    from flwr.clientapp import ClientApp
+
+    marker = tmp_path / "good-imported"
+    good = _build(_project(tmp_path / "good", "goodpkg", f"open({str(marker)!r}, 'w').write('ok')"))
+    digest = hashlib.sha256(good).hexdigest()
+    install_approval_check(frozenset({digest}))
+    app = _run_task(flower_task, good, "hosp/demo", "1.0.0", digest)
+    assert isinstance(app, ClientApp) and marker.read_text() == "ok"
+    home = tmp_path / "flwr-home"
+    assert (home / "fedfusion-approved" / digest / "goodpkg" / "app.py").is_file()
+    assert not (home / "apps").exists()  # Flower's 8-hex folder is never written nor read
+
+
+def test_short_hash_collision_folder_is_never_imported(flower_task, tmp_path: Path) -> None:
+    """The attack: an earlier, unapproved bundle whose SHA-256 shares the approved one's first 8 hex digits
+    (~2^32 hashes to find) left Flower's folder ``apps/hosp.demo.1.0.0.<8 hex>``; Flower skips installing
+    over an existing folder and imports from it. Here that folder is pre-placed with the same fab id/version."""
+    pwned = tmp_path / "pwned"
+    good = _build(_project(tmp_path / "good", "goodpkg", ""))
+    evil_project = _project(tmp_path / "evil", "goodpkg", f"open({str(pwned)!r}, 'w').write('x')")
+    digest = hashlib.sha256(good).hexdigest()
+    import shutil
+
+    from fedfusion.client.flower_runtime import flower_app_folder
+
+    squatted = flower_app_folder("hosp/demo", "1.0.0", digest)
+    shutil.copytree(evil_project, squatted)
+    install_approval_check(frozenset({digest}))
+    _run_task(flower_task, good, "hosp/demo", "1.0.0", digest)
+    assert not pwned.exists()  # the squatted folder's code never ran
+    import sys
+
+    assert Path(sys.modules["goodpkg.app"].__file__).parent.parent.name == digest
+
+
+def test_unapproved_bundle_claiming_an_approved_hash_is_not_unpacked(flower_task, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.common.constant import ErrorCode
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedfusion.client.audit import iter_records
-    from fedfusion.common.reply_digest import reply_sha256
 
-    loaded: list[str] = []
-    monkeypatch.setattr(flower_module, "get_load_client_app_fn",
-                        lambda *a, **k: (lambda fab_id, version, digest: loaded.append(digest) or "app"))
-    refused: list[str] = []
-    install_approval_check(frozenset({GOOD}), on_refusal=refused.append)
-    load = flower_module.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-    assert load("fedfusion/fedfusion", "0.1.0", GOOD) == "app"
-    app = load("fedfusion/fedfusion", "0.1.0", "b" * 64)
-    assert loaded == [GOOD] and refused == ["b" * 64]  # nothing was loaded from the unapproved bundle
+    pwned = tmp_path / "pwned"
+    good = _build(_project(tmp_path / "good", "goodpkg", ""))
+    evil = _build(_project(tmp_path / "evil", "evilpkg", f"open({str(pwned)!r}, 'w').write('x')"))
+    digest, evil_digest = hashlib.sha256(good).hexdigest(), hashlib.sha256(evil).hexdigest()
+    refused: list[tuple[str, str]] = []
+    install_approval_check(frozenset({digest}), on_refusal=lambda d, why: refused.append((d, why)))
+    app = _run_task(flower_task, evil, "hosp/demo", "1.0.0", digest)  # the coordinator lies about the hash
+    assert not pwned.exists() and refused[0][0] == evil_digest
+    home = tmp_path / "flwr-home"
+    assert not home.exists() or not any(p.name == "app.py" for p in home.rglob("*"))  # nothing unpacked
 
     # The stand-in answers with the approval reason, and the reply is in the audit log first.
     for attr, value in (("_task_id", 1), ("_run_id", 3), ("_node_id", 8)):
@@ -48,9 +132,42 @@ def test_unapproved_bundle_is_refused_before_flower_loads_it(monkeypatch: pytest
     reply = app(message=msg, context=Context(run_id=3, node_id=8, node_config={"audit-log": str(log), "site-id": "A"},
                                              state=RecordDict(), run_config={}))
     assert reply.has_error() and reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
-    assert reply.error.reason.startswith("refused: this site has not approved app bundle sha256=" + "b" * 64)
+    assert reply.error.reason.startswith(f"refused: this site has not approved app bundle sha256={evil_digest}")
     (record,) = list(iter_records(log))
-    assert record["metrics"] == {"error": reply.error.reason} and record["sha256"] == reply_sha256(reply)
+    assert record["metrics"] == {"error": reply.error.reason}
+
+
+def test_tampered_unpacked_bundle_is_refused(flower_task, tmp_path: Path) -> None:
+    pwned = tmp_path / "pwned"
+    good = _build(_project(tmp_path / "good", "twinpkg", ""))
+    digest = hashlib.sha256(good).hexdigest()
+    folder = tmp_path / "flwr-home" / "fedfusion-approved" / digest
+    refused: list[str] = []
+    install_approval_check(frozenset({digest}), on_refusal=lambda d, why: refused.append(why))
+    _run_task(flower_task, good, "hosp/demo", "1.0.0", digest)  # unpacks (and imports) the approved bundle
+    import sys
+
+    del sys.modules["twinpkg.app"], sys.modules["twinpkg"]
+    (folder / "twinpkg" / "extra.py").write_text("")
+    (folder / "twinpkg" / "app.py").write_text(f"open({str(pwned)!r}, 'w').write('x')\n")
+    install_approval_check(frozenset({digest}), on_refusal=lambda d, why: refused.append(why))
+    app = _run_task(flower_task, good, "hosp/demo", "1.0.0", digest)
+    from flwr.clientapp import ClientApp
+
+    assert not pwned.exists() and not isinstance(app, ClientApp)
+    assert "extra: ['twinpkg/extra.py']" in refused[0] and "changed: ['twinpkg/app.py']" in refused[0]
+
+
+def test_run_naming_another_version_than_the_bundle_is_refused(flower_task, tmp_path: Path) -> None:
+    good = _build(_project(tmp_path / "good", "goodpkg", ""))
+    digest = hashlib.sha256(good).hexdigest()
+    refused: list[str] = []
+    install_approval_check(frozenset({digest}), on_refusal=lambda d, why: refused.append(why))
+    _run_task(flower_task, good, "hosp/demo", "2.0.0", digest)
+    assert refused and "the run names app hosp/demo 2.0.0" in refused[0]
+    import sys
+
+    assert "goodpkg.app" not in sys.modules
 
 
 def test_empty_allow_list_approves_nothing() -> None:
