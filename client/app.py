@@ -4,7 +4,8 @@ Only the updated weights and aggregate numbers (example counts, loss, metrics, �
 site; with sample-level DP the training loss stays home (ε does not cover it). A round the site's
 privacy policy or budget does not allow is *refused*: the reply carries the reason and the ε spent
 so far instead of an update, and the server records it. Evaluation replies (test-split metrics) are
-not covered by the training ε; they are aggregates of held-out cases, as without DP.
+not covered by the training ε; they are aggregates of held-out cases, rounded, and only counts for a
+split smaller than the site's ``min-eval-cases`` (:mod:`fedfusion.client.eval_release`).
 
 With sample-level DP every released update is also kept beside the ledger (:mod:`fedfusion.client.releases`):
 when a resumed coordinator asks for a round this site already released (same study, round, model and
@@ -31,7 +32,9 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedfusion.client.audit_mod import audit_mod
+from fedfusion.client.eval_release import eval_release_policy, release_eval_metrics
 from fedfusion.client.releases import ReleaseStore, request_key
+from fedfusion.client.reply_signing import reply_signing_mod
 from fedfusion.client.runtime import SiteRuntime, round_privacy, site_from_context, site_policy, study_name
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation
 from fedfusion.common.federation_config import FederationConfig
@@ -84,8 +87,8 @@ def _spent(policy: PrivacyPolicy | None, cfg: FederationConfig, site: SiteRuntim
         return {}
     try:
         delta = cfg.privacy.target_delta or policy.delta
-        return {EPSILON_KEY: PrivacyLedger(policy.ledger, policy.accountant).epsilon(study_name(cfg, site.schema),
-                                                                                     delta)}
+        return {EPSILON_KEY: PrivacyLedger.for_policy(policy, site.site_id).epsilon(study_name(cfg, site.schema),
+                                                                                 delta)}
     except (PrivacyError, OSError):
         return {}
 
@@ -94,7 +97,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` stand in for the run config where Flower passes none (in-process
     simulation), the run config wins otherwise."""
     overrides = dict(overrides or {})
-    app = ClientApp(mods=[audit_mod])  # outermost: records every reply, of every message type
+    # audit_mod outermost: records every reply, of every message type, as it leaves (signed when the site
+    # has a key: reply_signing_mod lets the coordinator attribute it to this site, not a claimed id)
+    app = ClientApp(mods=[audit_mod, reply_signing_mod])
 
     def _config(context: Context) -> tuple[FederationConfig, dict[str, Any]]:
         run_config = {**overrides, **dict(context.run_config)}
@@ -145,7 +150,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         cfg, run_config = _config(context)
         site = site_from_context(dict(context.node_config), run_config)
         model = arrays_to_model(msg.content[ARRAYS_KEY], site.build_model(cfg.model))
-        metrics = site.evaluate(model)
+        # Small splits release only counts, metrics are rounded: evaluation is no uncharged oracle.
+        metrics = release_eval_metrics(site.evaluate(model), eval_release_policy(dict(context.node_config), run_config))
         return Message(RecordDict({METRICS_KEY: metrics_record(metrics),
                                    SITE_KEY: ConfigRecord({"site-id": site.site_id})}), reply_to=msg)
 

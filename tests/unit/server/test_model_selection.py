@@ -78,8 +78,9 @@ def _grid(tmp_path: Path, run_config: dict) -> InProcessGrid:
     for node in (1, 2):
         folder = make_site(tmp_path / f"site{node}", n=30, seed=node)
         manifest = folder / "manifest.csv" if folder.is_dir() else folder
+        # 6 val / 6 test cases: these toy sites opt out of the min-eval-cases rule (client/eval_release.py)
         nodes[node] = {"manifest": str(manifest), "schema": run_config["schema"], "site-id": f"S{node}",
-                       "device": "cpu"}
+                       "device": "cpu", "min-eval-cases": "0"}
     grid = InProcessGrid(app, nodes)
     grid.seen_real = seen_real  # type: ignore[attr-defined]
     return grid
