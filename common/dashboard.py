@@ -13,6 +13,8 @@ data next door) and ``client``/``server`` never import each other. The rules:
   Content-Security-Policy (no script at all, images only from this server) backs that up: the pages
   refresh themselves with ``<meta http-equiv="refresh">``, not JavaScript.
 - **Offline.** Charts are inline SVG drawn here; nothing is loaded from a CDN.
+- **Confined.** A file is served only when :func:`file_inside` its run folder: no symlink on the way,
+  so a link planted in a run folder (``model.pt -> /etc/shadow``) is not followed out of it.
 
 FastAPI, Starlette and uvicorn come with Flower; Jinja2 and MarkupSafe come with torch.
 """
@@ -26,6 +28,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -53,6 +56,27 @@ PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 class DashboardError(ValueError):
     """The dashboard cannot start as asked (unsafe bind, bad token, unreadable config); the message says why."""
+
+
+def file_inside(folder: Path, path: Path) -> bool:
+    """True when ``path`` is a regular file under ``folder`` reached without following any symlink.
+
+    Every component from ``folder`` down to the file itself is checked, then the resolved path must still
+    lie in the resolved folder; a dashboard serving downloads calls this first.
+    """
+    folder, path = Path(folder), Path(path)
+    try:
+        parts = path.relative_to(folder).parts
+    except ValueError:
+        return False
+    current = folder
+    for part in parts:
+        if part in ("", ".", ".."):
+            return False
+        current = current / part
+        if current.is_symlink():
+            return False
+    return path.is_file() and path.resolve().is_relative_to(folder.resolve())
 
 
 def is_loopback(host: str) -> bool:

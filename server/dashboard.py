@@ -25,6 +25,7 @@ from markupsafe import Markup
 
 from fedfusion.common.dashboard import (
     check_bind,
+    file_inside,
     json_safe,
     line_chart,
     link,
@@ -230,8 +231,11 @@ def _download_path(run_dir: Path, name: str) -> Path | None:
     """The file behind a download name (``checkpoint``: the newest one); None when absent or not offered."""
     if name == "checkpoint":
         found = sorted((run_dir / "checkpoints").glob("round-*.pt"))
-        return found[-1] if found else None
-    return run_dir / name if name in DOWNLOADS and (run_dir / name).is_file() else None
+        path = found[-1] if found else None
+    else:
+        path = run_dir / name if name in DOWNLOADS else None
+    # Never follow a symlink out of the run folder (common/dashboard.py: file_inside).
+    return path if path is not None and file_inside(run_dir, path) else None
 
 
 def _badge(status: str) -> str:
@@ -306,7 +310,7 @@ def create_app(runs_dir: Path, *, state_dir: Path | None = None, token: str | No
     def report(run: str = Query(...)) -> HTMLResponse:
         found = one_run(run)
         path = found.path / "report.md"
-        if not path.is_file():
+        if not file_inside(found.path, path):
             raise HTTPException(404, f"run {run!r} has no report.md yet (it is written when the run ends)")
         from markdown_it import MarkdownIt
 

@@ -122,6 +122,39 @@ _CHECKPOINT_CACHE: dict[Path, tuple[tuple[Path, tuple[int, int]], dict[str, Any]
 _CACHE_LOCK = threading.Lock()
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely; the message names the file and what to do."""
+
+
+def load_checkpoint_file(path: Path) -> dict[str, Any]:
+    """A checkpoint, unpickled with ``weights_only=True`` and numpy arrays/scalars as the only extra globals.
+
+    Why: unpickling runs code named in the file, so whoever can write a run folder (a backup restore, a
+    shared disk) could make ``--resume`` or the dashboard run it. Checkpoints hold only numbers, strings,
+    lists, dicts and numpy arrays, which this loader allows; anything else is refused.
+    """
+    import pickle
+
+    import numpy as np
+    import torch
+
+    core = getattr(np, "_core", None) or np.core
+    allowed = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            raw = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: refused to load: it holds Python objects other than numbers, text and numpy arrays, so it "
+            f"was not written by fedfusion or was altered ({first[:200]}). Move it out of the checkpoints folder to "
+            "resume from the round before") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: not a fedfusion checkpoint (expected a dict, got {type(raw).__name__})")
+    return raw
+
+
 def load_checkpoint_state(path: Path) -> dict[str, Any]:
     """A checkpoint's rounds, site metrics and refusals, unpickled with numpy as the only allowed globals.
 
@@ -132,14 +165,7 @@ def load_checkpoint_state(path: Path) -> dict[str, Any]:
         cached = _CHECKPOINT_CACHE.get(path.parent)
         if cached is not None and cached[0] == (path, stamp):
             return cached[1]
-    import numpy as np
-    import torch
-
-    core = getattr(np, "_core", None) or np.core
-    allowed = [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
-    allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    with torch.serialization.safe_globals(allowed):
-        raw = torch.load(path, weights_only=True, map_location="cpu")
+    raw = load_checkpoint_file(path)
     strategy = raw.get("strategy") or {}
     state = {"round": int(raw.get("round", 0)), "rounds": list(raw.get("rounds", [])),
              "site_metrics": list(strategy.get("site_metrics", [])), "rejected": list(strategy.get("rejected", [])),

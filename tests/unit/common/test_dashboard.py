@@ -67,3 +67,22 @@ def test_number_and_time_formats() -> None:
     assert [fmt_number(v) for v in (3.0, 0.123456, math.nan, None, "x", True)] == ["3", "0.1235", "—", "", "x", "True"]
     assert fmt_iso("2026-11-23T10:15:02.123456+01:00") == "2026-11-23 09:15:02Z" and fmt_iso("junk") == "junk"
     assert json_safe({"a": [math.inf, 1.0], "b": {2}}) == {"a": [None, 1.0], "b": [2]}
+
+
+def test_file_inside_refuses_every_symlink_on_the_way(tmp_path) -> None:
+    from fedfusion.common.dashboard import file_inside
+
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    (run / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_text("x")
+    (run / "sub" / "real.csv").write_text("a")
+    (run / "link.csv").symlink_to(outside / "secret")
+    (run / "linkdir").symlink_to(outside)
+    (run / "inner.csv").symlink_to(run / "sub" / "real.csv")  # even one that stays inside: not served
+    assert file_inside(run, run / "sub" / "real.csv")
+    assert not file_inside(run, run / "link.csv")
+    assert not file_inside(run, run / "linkdir" / "secret")
+    assert not file_inside(run, run / "inner.csv")
+    assert not file_inside(run, run / ".." / "outside" / "secret")
+    assert not file_inside(run, outside / "secret") and not file_inside(run, run / "sub")

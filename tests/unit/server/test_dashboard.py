@@ -148,6 +148,27 @@ def test_downloads_and_report(made: DashboardRun, tmp_path: Path) -> None:
     assert client.get("/", params={"run": "study"}).status_code == 404
 
 
+def test_downloads_never_follow_symlinks_out_of_the_run_folder(made: DashboardRun, tmp_path: Path) -> None:
+    run = tmp_path / "runs" / "linked"
+    shutil.copytree(made.run_dir, run)
+    secret = tmp_path / "passwd"
+    secret.write_text("root:x:0:0:secret\n")
+    for name in ("report.md", "metrics.csv"):
+        (run / name).unlink()
+        (run / name).symlink_to(secret)
+    checkpoints = run / "checkpoints"
+    newest = sorted(checkpoints.glob("round-*.pt"))[-1]
+    newest.unlink()
+    newest.symlink_to(secret)
+    client = _client(tmp_path / "runs", tmp_path)
+
+    for name in ("report.md", "metrics.csv", "checkpoint"):
+        answer = client.get(f"/download/{name}", params={"run": "linked"})
+        assert answer.status_code == 404 and "secret" not in answer.text, name
+    assert client.get("/report", params={"run": "linked"}).status_code == 404
+    assert client.get("/download/model.pt", params={"run": "linked"}).status_code == 200  # a real file still is
+
+
 def test_discovery_stops_at_runs_and_skips_data(made: DashboardRun) -> None:
     found = discover_runs(made.root)
 
