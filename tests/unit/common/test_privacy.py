@@ -187,3 +187,29 @@ def test_noise_is_secret_unless_a_test_fixes_it() -> None:
 
     assert torch.equal(noised_weights(5), noised_weights(5))
     assert not torch.equal(noised_weights(None), noised_weights(None))
+
+
+class _Wide(nn.Module):
+    """Enough weights (20,000) for an empirical noise standard deviation within ~1 %."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 5000)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"logits": self.linear(batch["x"])[:, :2]}
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_noise_is_opacus_floating_point_safe_noise_of_the_same_scale(mode: str) -> None:
+    """Secure-mode noise (4 draws summed / 2) has the standard deviation of plain noise: σ·C / expected batch."""
+    model = _Wide()
+    private = make_private(model, _data(8), torch.optim.SGD(model.parameters(), lr=1.0), _CrossEntropy(),
+                           batch_size=4, noise_multiplier=2.0, max_grad_norm=1.0, grad_sample_mode=mode,
+                           separable_loss=True, secret_seed=3)
+    assert private.optimizer.secure_mode is True
+    before = model.linear.weight.detach().clone()
+    private.optimizer.zero_grad(set_to_none=True)
+    private.empty_step()
+    moved = (model.linear.weight.detach() - before).flatten()
+    assert moved.std().item() == pytest.approx(2.0 * 1.0 / 4, rel=0.03)
