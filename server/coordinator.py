@@ -17,6 +17,7 @@ once the SuperLink listens, and ``coordinator register-sites`` adds keys to a ru
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfusion.common.flower_tools import executable, tool_env
+from fedfusion.common.roster import ROSTER_FILENAME
 
 CONNECTION = "fedfusion"
 KIT_FILES = ("ca.pem", "server.pem", "server.key")
@@ -197,6 +199,28 @@ def _wait_until_listening(host: str, port: int, proc: subprocess.Popen, timeout:
 def _loopback(host: str) -> str:
     """The address the coordinator's own tools use for a SuperLink bound to ``host``."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def adopt_kit_roster(kit: Path, state_dir: Path) -> Path | None:
+    """Copy the coordinator kit's ``roster.json`` into the state folder, where ``fedfusion run`` finds it.
+
+    Why: with a roster in the run config the ServerApp accepts a reply only when it is signed by the
+    roster site it names (server/reply_attribution.py); keeping it in the state folder makes that the
+    default for every run on this coordinator instead of a flag people forget.
+    """
+    source = kit / ROSTER_FILENAME
+    if not source.is_file():
+        return None
+    state_dir.mkdir(parents=True, exist_ok=True)
+    target = state_dir / ROSTER_FILENAME
+    shutil.copyfile(source, target)
+    return target
+
+
+def state_roster(state_dir: Path) -> Path | None:
+    """The roster a run on this coordinator verifies replies against (None: replies are not attributed)."""
+    path = state_dir / ROSTER_FILENAME
+    return path.resolve() if path.is_file() else None
 
 
 def start_coordinator(state_dir: Path, host: str, port: int, *, insecure: bool,

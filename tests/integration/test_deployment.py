@@ -60,9 +60,14 @@ def test_three_sites_two_rounds_improve_every_site(deployment: tuple[LoopbackDep
     assert status.returncode == 0 and "finished" in status.stdout.lower(), status.stdout
 
     rows = list(csv.DictReader((run_dir / "site_metrics.csv").open()))
-    evaluated = {(r["round"], r["site"]): float(r["c_index"]) for r in rows if r["phase"] == "evaluate"}
-    assert {site for _, site in evaluated} == set(SITES)
-    for site in SITES:
+    evaluations = [r for r in rows if r["phase"] == "evaluate"]
+    assert {r["site"] for r in evaluations} == set(SITES)
+    # study-4's test split has 17 cases, under the sites' default min-eval-cases = 20: it releases its
+    # size only, never a C-index (client/eval_release.py); the two larger studies report theirs.
+    small = [r for r in evaluations if r["site"] == "study-4"]
+    assert small and all(r["c_index"] == "" for r in small), small
+    evaluated = {(r["round"], r["site"]): float(r["c_index"]) for r in evaluations if r["site"] != "study-4"}
+    for site in ("study-16", "study-13"):
         assert evaluated[("2", site)] > evaluated[("0", site)], (site, evaluated)
     assert (run_dir / "checkpoints" / "round-0002.pt").is_file()
     assert (run_dir / "report.md").read_text().count("study-") >= 3

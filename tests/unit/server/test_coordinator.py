@@ -156,3 +156,19 @@ def test_coordinator_start_refuses_contradictions_before_starting_anything(
                                                                                 for e in extra]]
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_a_kit_roster_becomes_every_runs_reply_roster(tmp_path: Path) -> None:
+    """`coordinator start --kit` keeps the kit's roster; `fedfusion run` then asks the ServerApp to verify
+    every reply against it (server/reply_attribution.py) without a flag to remember."""
+    from fedfusion.server.coordinator import adopt_kit_roster, state_roster
+
+    state = tmp_path / "coordinator"
+    assert state_roster(state) is None
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    assert adopt_kit_roster(kit, state) is None  # a kit without a roster changes nothing
+    (kit / "roster.json").write_text('{"format": "fedfusion-roster/1", "sites": {}}\n')
+    adopt_kit_roster(kit, state)
+    assert state_roster(state) == (state / "roster.json").resolve()
+    assert (state / "roster.json").read_text() == (kit / "roster.json").read_text()
