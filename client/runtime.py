@@ -21,6 +21,7 @@ site's ledger before it trains (:meth:`SiteRuntime.train`), so an update never l
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 import zlib
@@ -37,8 +38,9 @@ from fedfusion.common.config import ConfigError, ModelConfig, Schema, TrainConfi
 from fedfusion.common.data import MultimodalDataset, Preprocessor
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.manifest import Manifest, load_manifest
+from fedfusion.common.metrics import metric_interval
 from fedfusion.common.models import create_model
-from fedfusion.common.privacy import dp_schedule, make_private
+from fedfusion.common.privacy import calibrate_noise, dp_schedule, make_private
 from fedfusion.common.privacy_policy import (
     LEDGER_FILENAME,
     PrivacyPolicy,
@@ -46,7 +48,15 @@ from fedfusion.common.privacy_policy import (
     negotiate,
     simulated_site_policy,
 )
-from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, VAL_COUNT_KEY, VAL_PREFIX, modality_count_key
+from fedfusion.common.records import (
+    EPSILON_KEY,
+    NOISE_ASKED_KEY,
+    NOISE_KEY,
+    NUM_EXAMPLES,
+    VAL_COUNT_KEY,
+    VAL_PREFIX,
+    modality_count_key,
+)
 from fedfusion.common.training import (
     LossFunction,
     class_weights_for,
@@ -60,6 +70,8 @@ from fedfusion.common.training import (
     train_epochs,
 )
 from fedfusion.simulations.scale_sites import BoundedRuntimeCache, ScaleSiteSource, build_virtual_site
+
+log = logging.getLogger("fedfusion.client.runtime")
 
 
 def round_schedule(cfg: TrainConfig, server_round: int) -> dict[str, int]:
@@ -86,9 +98,35 @@ class RoundPrivacy:
     study: str
     rounds_left: int = 1
     note: Mapping[str, Any] = field(default_factory=dict)
+    run_rounds: int = 0  # the run's planned rounds (0: unknown, use rounds_left): the σ the run asks is for all
+
+    def asked_noise(self, sample_rate: float, steps: int) -> float:
+        """σ this run's whole plan needs from an *unspent* budget (or the fixed σ the run asks, at least the
+        policy's floor). A charge well above it means earlier spending forced more noise on this round."""
+        terms = self.terms
+        if terms.noise_multiplier is not None:
+            return max(terms.noise_multiplier, terms.min_noise_multiplier)
+        planned = steps * max(self.run_rounds or self.rounds_left, 1)
+        return calibrate_noise([], sample_rate, planned, terms.epsilon_cap, terms.delta, self.ledger.accountant,
+                               floor=terms.min_noise_multiplier)
 
     def epsilon(self) -> float:
         return self.ledger.epsilon(self.study, self.terms.delta)
+
+
+#: A site whose σ exceeds the run's asked σ by more than this factor trains a mostly-noise update.
+NOISE_WARNING_RATIO = 2.0
+
+
+def _log_noise(site: str, server_round: int, sigma: float, asked: float, epsilon_before: float, cap: float) -> None:
+    """Say at the site which σ it trains with; warn when spent budget forced far more than the run asks."""
+    if asked > 0 and sigma > NOISE_WARNING_RATIO * asked:
+        log.warning("site %s, round %d: training with noise multiplier σ %.3g (the run asks %.3g): ε %.3g of %.3g "
+                    "was already spent on this study, so this update is mostly noise", site, server_round, sigma,
+                    asked, epsilon_before, cap)
+    else:
+        log.info("site %s, round %d: DP-SGD with noise multiplier σ %.3g (the run asks %.3g)", site, server_round,
+                 sigma, asked)
 
 
 @dataclass
@@ -165,6 +203,9 @@ class SiteRuntime:
         charge = privacy.ledger.charge(privacy.study, sample_rate=sample_rate, steps=steps, terms=terms,
                                        planned_steps=steps * max(privacy.rounds_left, 1),
                                        note={**privacy.note, "site": self.site_id})
+        asked = privacy.asked_noise(sample_rate, steps)
+        _log_noise(self.site_id, server_round, charge.noise_multiplier, asked, charge.epsilon_before,
+                   charge.epsilon_cap)
         # No class weights: they are computed from every training label and would couple each case's
         # loss to the others' labels, outside what per-sample clipping bounds.
         loss_fn = LossFunction(self.schema)
@@ -195,7 +236,7 @@ class SiteRuntime:
         return {NUM_EXAMPLES: len(self.train_set), "train-seconds": time.perf_counter() - began,
                 **{modality_count_key(m): c for m, c in self.modality_counts.items()},
                 EPSILON_KEY: privacy.epsilon(), "delta": terms.delta, "epsilon-budget": terms.epsilon_cap,
-                "noise-multiplier": charge.noise_multiplier, "max-grad-norm": terms.max_grad_norm,
+                NOISE_KEY: charge.noise_multiplier, NOISE_ASKED_KEY: asked, "max-grad-norm": terms.max_grad_norm,
                 "sample-rate": sample_rate, "dp-steps": taken}
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
@@ -207,6 +248,9 @@ class SiteRuntime:
         loss_fn = LossFunction(self.schema)
         pred = predict(model, make_loader(self.test_set, 256, shuffle=False), loss_fn, self.device)
         out = {NUM_EXAMPLES: len(self.test_set), **metrics_from(pred)}
+        # a 95 % bootstrap interval of the primary metric: the report's per-site error bars (aggregates only)
+        out.update(metric_interval(primary_metric(self.schema), labels=pred.labels, probs=pred.probs, time=pred.time,
+                                   event=pred.event, risk=pred.risk, seed=self.seed_offset))
         if self.val_set is not None and len(self.val_set):
             val = metrics_from(predict(model, make_loader(self.val_set, 256, shuffle=False), loss_fn, self.device))
             metric = primary_metric(self.schema)
@@ -313,6 +357,6 @@ def round_privacy(site: SiteRuntime, policy: PrivacyPolicy, cfg: FederationConfi
     terms = negotiate(policy, cfg.privacy)
     if terms is None:
         return None
-    return RoundPrivacy(terms=terms, ledger=PrivacyLedger(policy.ledger, policy.accountant),
+    return RoundPrivacy(terms=terms, ledger=PrivacyLedger.for_policy(policy, site.site_id),
                         study=study_name(cfg, site.schema), rounds_left=max(cfg.num_rounds - server_round + 1, 1),
-                        note=dict(note or {}))
+                        note=dict(note or {}), run_rounds=cfg.num_rounds)

@@ -16,7 +16,7 @@ Conventions: ``probs`` is either the positive-class probability ``(n,)`` or clas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -170,6 +170,50 @@ def concordance_index(time: ArrayLike, event: ArrayLike, risk: ArrayLike) -> flo
         twice_concordant += 2 * np.count_nonzero(mask & (r < ri)) + np.count_nonzero(mask & (r == ri))
         comparable += np.count_nonzero(mask)
     return twice_concordant / (2 * comparable) if comparable else _NAN
+
+
+def bootstrap_interval(
+    statistic: Callable[[np.ndarray], float], n: int, *, resamples: int = 200, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic(rows)`` over ``n`` rows drawn with replacement.
+
+    Why: one site's test AUC or C-index from 40 patients moves by ±0.1 between equally good
+    models; a report that shows the interval says so. Resamples where the statistic is undefined
+    (one class, no comparable pair) are skipped; NaN bounds when fewer than half remain.
+    """
+    rng = np.random.default_rng(seed)
+    values = [statistic(rng.integers(0, n, n)) for _ in range(resamples)] if n > 1 else []
+    finite = np.array([v for v in values if not np.isnan(v)])
+    if len(finite) < max(resamples // 2, 1):
+        return _NAN, _NAN
+    tail = 100 * (1 - level) / 2
+    return float(np.percentile(finite, tail)), float(np.percentile(finite, 100 - tail))
+
+
+def metric_interval(metric: str, *, labels: ArrayLike | None = None, probs: ArrayLike | None = None,
+                    time: ArrayLike | None = None, event: ArrayLike | None = None, risk: ArrayLike | None = None,
+                    resamples: int = 200, seed: int = 0) -> dict[str, float]:
+    """``{metric}_ci_low`` / ``{metric}_ci_high``: the 95 % bootstrap interval of ``auc`` (labels, probs)
+    or ``c_index`` (time, event, risk) on one split; empty when the inputs for ``metric`` are missing."""
+    if metric == "auc" and labels is not None and probs is not None:
+        y, p = np.asarray(labels), np.asarray(probs)
+        low, high = bootstrap_interval(lambda rows: _auc_or_nan(y[rows], p[rows]), len(y), resamples=resamples,
+                                       seed=seed)
+    elif metric == "c_index" and time is not None and event is not None and risk is not None:
+        t, e, r = np.asarray(time), np.asarray(event), np.asarray(risk)
+        low, high = bootstrap_interval(lambda rows: concordance_index(t[rows], e[rows], r[rows]), len(t),
+                                       resamples=resamples, seed=seed)
+    else:
+        return {}
+    return {f"{metric}_ci_low": low, f"{metric}_ci_high": high}
+
+
+def _auc_or_nan(labels: np.ndarray, probs: np.ndarray) -> float:
+    """AUC of a resample, NaN when it drew labels the metric cannot score (e.g. a single class)."""
+    try:
+        return auc(labels, probs)
+    except ValueError:
+        return _NAN
 
 
 def classification_report(y_true: ArrayLike, probs: ArrayLike) -> dict[str, float]:

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 
@@ -70,26 +71,70 @@ def plot_km_by_risk(time: np.ndarray, event: np.ndarray, risk: np.ndarray, path:
     return _save(fig, path)
 
 
-def plot_curves(rows: Sequence[Mapping[str, float]], x: str, ys: Sequence[str], path: str | Path,
-                title: str = "") -> Path:
-    """Lines of ``ys`` against ``x`` from a list of metric rows (epochs or rounds)."""
+#: Metrics whose chance level is 0.5 (random scores): their plots draw that line for reference.
+CHANCE_LEVEL = {"auc": 0.5, "c_index": 0.5}
+
+
+def chance_level(metric: str) -> float | None:
+    """0.5 for AUC / C-index (also ``eval_auc``, ``val_c_index``, ...), None for other metrics."""
+    return next((level for name, level in CHANCE_LEVEL.items() if metric == name or metric.endswith(f"_{name}")),
+                None)
+
+
+def _chance_line(ax: plt.Axes, level: float | None) -> None:
+    if level is not None:
+        ax.axhline(level, linestyle="--", color="grey", linewidth=0.9, label=f"chance ({level:g})")
+
+
+def curves_figure(rows: Sequence[Mapping[str, float]], x: str, ys: Sequence[str], title: str = "",
+                  reference: float | None = None) -> plt.Figure:
+    """The figure of :func:`plot_curves` (not saved), for callers and tests that inspect its axes."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs = [r[x] for r in rows]
     for key in ys:
         values = [r.get(key, np.nan) for r in rows]
-        if not np.all(np.isnan(values)):
+        if not np.all(np.isnan(np.asarray(values, dtype=float))):
             ax.plot(xs, values, marker="o", markersize=3, label=key)
+    _chance_line(ax, reference)
     ax.set(xlabel=x, title=title)
-    ax.legend()
+    if xs and all(float(v).is_integer() for v in xs):  # rounds and epochs: no "round 0.5" ticks
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_bars(values: Mapping[str, float], path: str | Path, ylabel: str, title: str = "") -> Path:
-    """One bar per site/method, e.g. per-site test AUC."""
+def plot_curves(rows: Sequence[Mapping[str, float]], x: str, ys: Sequence[str], path: str | Path,
+                title: str = "", reference: float | None = None) -> Path:
+    """Lines of ``ys`` against ``x`` from a list of metric rows (epochs or rounds: integer ticks);
+    ``reference`` draws a dashed horizontal line (the 0.5 chance level of an AUC or C-index)."""
+    return _save(curves_figure(rows, x, ys, title, reference), path)
+
+
+def bars_figure(values: Mapping[str, float], ylabel: str, title: str = "",
+                errors: Mapping[str, tuple[float, float]] | None = None, reference: float | None = None) -> plt.Figure:
+    """The figure of :func:`plot_bars` (not saved). ``errors`` maps a bar to its interval
+    ``(low, high)`` (a 95 % CI, or mean -/+ sd); a bar without one gets no error bar."""
     fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(values) + 2), 3.8))
     names = list(values)
-    ax.bar(names, [values[n] for n in names], color="#4477aa")
+    heights = np.array([values[n] for n in names], dtype=float)
+    yerr = None
+    if errors:
+        low = np.array([errors.get(n, (np.nan, np.nan))[0] for n in names], dtype=float)
+        high = np.array([errors.get(n, (np.nan, np.nan))[1] for n in names], dtype=float)
+        # matplotlib wants distances below/above the bar; a missing interval draws nothing
+        yerr = np.nan_to_num(np.vstack([heights - low, high - heights]).clip(min=0))
+    ax.bar(names, heights, color="#4477aa", yerr=yerr, capsize=3 if yerr is not None else 0)
+    _chance_line(ax, reference)
     ax.set(ylabel=ylabel, title=title)
+    if reference is not None:
+        ax.legend(loc="lower right", fontsize=8)
     ax.tick_params(axis="x", rotation=30)
-    return _save(fig, path)
+    return fig
+
+
+def plot_bars(values: Mapping[str, float], path: str | Path, ylabel: str, title: str = "",
+              errors: Mapping[str, tuple[float, float]] | None = None, reference: float | None = None) -> Path:
+    """One bar per site/method, e.g. per-site test AUC; optional error intervals and reference line."""
+    return _save(bars_figure(values, ylabel, title, errors, reference), path)

@@ -25,6 +25,10 @@ CONFIG_KEY = "config"
 SITE_KEY = "site"
 #: Train-reply metric: ε the site has spent on the run's study so far (sample-level DP).
 EPSILON_KEY = "epsilon"
+#: Train-reply metrics (sample-level DP; σ is not private): the noise multiplier σ the site trained with, and
+#: the σ this run's plan needs from an unspent budget. Far apart, the site's budget is nearly spent.
+NOISE_KEY = "noise-multiplier"
+NOISE_ASKED_KEY = "noise-multiplier-asked"
 #: Key in a reply's site ConfigRecord: why the site refused to train this round (privacy policy/budget).
 REFUSED_KEY = "refused"
 

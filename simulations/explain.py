@@ -51,6 +51,7 @@ from fedfusion.common.data import MultimodalDataset, Preprocessor  # noqa: E402
 from fedfusion.common.federation_config import FederationConfig  # noqa: E402
 from fedfusion.common.manifest import load_manifest  # noqa: E402
 from fedfusion.common.models import create_model  # noqa: E402
+from fedfusion.common.progress import StepCallback, report  # noqa: E402
 from fedfusion.common.results import markdown_table, write_rows  # noqa: E402
 from fedfusion.common.training import (  # noqa: E402
     LossFunction,
@@ -183,16 +184,21 @@ def feature_groups(schema: Schema, omics: list[int] | None = None) -> list[tuple
 
 def permutation_importance(model: torch.nn.Module, tensors: dict[str, torch.Tensor], schema: Schema, *,
                            n_repeats: int = 5, seed: int = 0, omics: list[int] | None = None,
-                           device: str = "cpu") -> list[dict[str, Any]]:
+                           device: str = "cpu", on_step: StepCallback | None = None,
+                           stage: str = "permutation importance") -> list[dict[str, Any]]:
     """Drop of the primary metric when each feature (or whole modality) is shuffled among the rows
     that have its modality; ``omics`` restricts the omics features permuted (indices). The
-    ``n_repeats`` shuffles of a feature are scored in one pass (stacked rows)."""
+    ``n_repeats`` shuffles of a feature are scored in one pass (stacked rows). ``on_step`` hears
+    ``stage feature k/N name`` before each feature: with hundreds of genes this is the long part."""
     metric = primary_metric(schema)
     base = score(model, tensors, schema, device).get(metric, math.nan)
     rng = np.random.default_rng(seed)
     mask = tensors["mask"].bool()
     rows: list[dict[str, Any]] = []
-    for modality, feature, columns in feature_groups(schema, omics):
+    groups = feature_groups(schema, omics)
+    for number, (modality, feature, columns) in enumerate(groups, start=1):
+        report(on_step, stage, number, len(groups), unit="feature",
+               detail=f"{modality} (whole)" if feature == "*" else f"{feature} ({modality})")
         present = torch.nonzero(mask[:, schema.modalities.index(modality)]).flatten()
         copies = []
         for _ in range(n_repeats):
@@ -250,9 +256,14 @@ def screen_omics(model: torch.nn.Module, tensor_sets: list[dict[str, torch.Tenso
 
 
 def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, n_cases: int = 3, n_repeats: int = 5,
-                max_features: int = 200, seed: int = 0, device: str = "cpu") -> Path:
-    """Write every explanation of the run's global model (see the module docstring); returns explain.md."""
+                max_features: int = 200, seed: int = 0, device: str = "cpu",
+                on_step: StepCallback | None = None) -> Path:
+    """Write every explanation of the run's global model (see the module docstring); returns explain.md.
+
+    ``on_step`` hears each step (loading, modality weights, Grad-CAM per site, permutation importance
+    feature k/N per site): on a large omics panel the whole takes minutes."""
     run_dir = Path(run_dir).resolve()
+    report(on_step, "loading the model and the sites' test splits")
     loaded = load_global_model(find_model(run_dir))
     sites = find_sites(loaded, run_dir)
     out = Path(out_dir) if out_dir else run_dir / "explain"
@@ -270,9 +281,10 @@ def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, n_cas
     if missing:
         notes.append(f"Sites without test rows (skipped): {', '.join(missing)}.")
     lines = ["# fedfusion explain", ""] + notes + [""]
+    report(on_step, "modality weights", detail=f"{len(data)} sites")
     lines += _weights_section(model, data, schema, out, device)
-    lines += _gradcam_section(model, data, schema, out, n_cases)
-    lines += _importance_section(model, data, schema, out, n_repeats, max_features, seed, device)
+    lines += _gradcam_section(model, data, schema, out, n_cases, on_step)
+    lines += _importance_section(model, data, schema, out, n_repeats, max_features, seed, device, on_step)
     (out / "explain.md").write_text("\n".join(lines) + "\n")
     return out / "explain.md"
 
@@ -311,7 +323,7 @@ def _weights_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str
 
 
 def _gradcam_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str, torch.Tensor]]], schema: Schema,
-                     out: Path, n_cases: int) -> list[str]:
+                     out: Path, n_cases: int, on_step: StepCallback | None = None) -> list[str]:
     lines = ["## Grad-CAM (image encoder)", ""]
     if not schema.image_specs:
         return lines + ["No image modality.", ""]
@@ -331,7 +343,7 @@ def _gradcam_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str
             continue
         name, layer = found
         rows += _gradcam_rows(model, data, schema, out, n_cases, modality, layer,
-                              None if separate else encoder.backbone)
+                              None if separate else encoder.backbone, on_step)
         lines += [f"{who}: target layer `{name}`; maps are scaled to [0, 1] per case. Centre of mass and peak in "
                   f"pixels of the {spec.size[1]}x{spec.size[0]} input.", ""]
     write_rows(out / "gradcam.csv", rows)
@@ -343,11 +355,13 @@ def _gradcam_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str
 
 def _gradcam_rows(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str, torch.Tensor]]], schema: Schema,
                   out: Path, n_cases: int, modality: str, layer: torch.nn.Module,
-                  shared_backbone: torch.nn.Module | None) -> list[dict[str, Any]]:
+                  shared_backbone: torch.nn.Module | None,
+                  on_step: StepCallback | None = None) -> list[dict[str, Any]]:
     """Up to ``n_cases`` maps per site for one image modality, each saved as a PNG overlay."""
     rows = []
     suffix = "" if modality == "image" else "-" + modality.split(":", 1)[1]
-    for site, (test, tensors) in data.items():
+    for number, (site, (test, tensors)) in enumerate(data.items(), start=1):
+        report(on_step, f"Grad-CAM {modality}", number, len(data), unit="site", detail=str(site))
         have = np.flatnonzero(tensors["mask"][:, schema.modalities.index(modality)].numpy())[:n_cases]
         if len(have) == 0:
             continue
@@ -387,18 +401,21 @@ def _explained_class(schema: Schema) -> int | None:
 
 
 def _importance_section(model: torch.nn.Module, data: dict[str, tuple[Any, dict[str, torch.Tensor]]], schema: Schema,
-                        out: Path, n_repeats: int, max_features: int, seed: int, device: str) -> list[str]:
+                        out: Path, n_repeats: int, max_features: int, seed: int, device: str,
+                        on_step: StepCallback | None = None) -> list[str]:
     metric = primary_metric(schema)
     lines = ["## Permutation importance", ""]
     omics = None
     if schema.omics and len(schema.omics) > max_features:
+        report(on_step, "screening omics features", detail=f"keeping {max_features} of {len(schema.omics)}")
         omics = screen_omics(model, [t for _, t in data.values()], schema, max_features)
         lines += [f"{len(schema.omics)} omics features: the {max_features} with the largest mean |gradient x input| "
                   "were permuted.", ""]
     rows = []
     for k, (site, (_, tensors)) in enumerate(data.items()):
         for r in permutation_importance(model, tensors, schema, n_repeats=n_repeats, seed=seed + k, omics=omics,
-                                        device=device):
+                                        device=device, on_step=on_step,
+                                        stage=f"permutation importance site {site} ({k + 1}/{len(data)})"):
             rows.append({"site": site, **r})
     overall = []
     for key in dict.fromkeys((r["modality"], r["feature"]) for r in rows):

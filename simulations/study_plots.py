@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedfusion.common.plots import chance_level  # noqa: E402
+
 if TYPE_CHECKING:
     from fedfusion.common.training import Predictions
 
@@ -37,6 +39,13 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _chance(ax: plt.Axes, metric: str) -> None:
+    """The 0.5 line of an AUC / C-index: what a model that ranks at random scores."""
+    level = chance_level(metric)
+    if level is not None:
+        ax.axhline(level, linestyle="--", color="black", linewidth=0.8, alpha=0.6, label=f"chance ({level:g})")
 
 
 def plot_rounds(rounds: list[dict[str, Any]], summary: dict[str, dict[str, Any]], metric: str,
@@ -62,6 +71,7 @@ def plot_rounds(rounds: list[dict[str, Any]], summary: dict[str, dict[str, Any]]
         value = summary.get(name, {}).get(f"{metric}_mean", math.nan)
         if not math.isnan(value):
             ax.axhline(value, linestyle=style, color="grey", linewidth=1, label=name)
+    _chance(ax, metric)
     ax.set(xlabel="round", ylabel=f"{metric} (mean over sites)", title=f"{metric} per round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -84,6 +94,7 @@ def plot_sites(by_site: list[dict[str, Any]], methods: list[str], metric: str, p
         ax.bar(np.arange(len(sites)) + (i - (len(methods) - 1) / 2) * width, means, width, yerr=sds, capsize=2,
                label=method)
     ax.set_xticks(np.arange(len(sites)), sites, rotation=30)
+    _chance(ax, metric)
     ax.set(ylabel=metric, title=f"{metric} per site (test split; error bars: sd over seeds)")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)

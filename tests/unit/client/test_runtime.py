@@ -107,3 +107,26 @@ def test_policy_and_terms_come_from_node_or_run_config(
     assert round_privacy(site_runtime, PrivacyPolicy(), FederationConfig.from_run_config({}), 1) is None
     with pytest.raises(PrivacyError, match="^dp-mode"):
         round_privacy(site_runtime, policy, FederationConfig.from_run_config({}), 1)
+
+
+def test_a_nearly_spent_budget_trains_with_far_more_noise_and_says_so(
+    site_runtime: runtime.SiteRuntime, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fresh = RoundPrivacy(_privacy(tmp_path / "fresh").terms, PrivacyLedger(tmp_path / "fresh.json"), "study-1", 3,
+                         run_rounds=3)
+    caplog.set_level("INFO", logger="fedfusion.client.runtime")
+    healthy = site_runtime.train(site_runtime.build_model(ModelConfig()), TRAIN, server_round=1, privacy=fresh)
+    # an unspent budget trains with the σ the run's plan asks for
+    assert healthy["noise-multiplier"] == pytest.approx(healthy["noise-multiplier-asked"], rel=0.02)
+    assert "mostly noise" not in caplog.text
+
+    spent = RoundPrivacy(fresh.terms, PrivacyLedger(tmp_path / "spent.json"), "study-1", 3, run_rounds=3)
+    spent.ledger.record("study-1", 2.55, 0.3, 40)  # an earlier run of the same study spent ε 3.84 of 4
+    assert 3.8 < spent.epsilon() < 3.9
+    caplog.clear()
+    noisy = site_runtime.train(site_runtime.build_model(ModelConfig()), TRAIN, server_round=1, privacy=spent)
+    assert noisy["noise-multiplier-asked"] == pytest.approx(healthy["noise-multiplier-asked"], rel=0.02)
+    assert noisy["noise-multiplier"] > 2 * noisy["noise-multiplier-asked"]
+    assert noisy["epsilon"] <= 4.0
+    assert f"site A, round 1: training with noise multiplier σ {noisy['noise-multiplier']:.3g}" in caplog.text
+    assert "this update is mostly noise" in caplog.text

@@ -270,3 +270,31 @@ def test_cindex_property_monotone_transform_invariant(data: tuple[np.ndarray, ..
     value = concordance_index(time, event, risk)
     for transformed in (risk**3 + 2 * risk, np.exp(risk / 7.0), 3.0 * risk - 5.0):
         np.testing.assert_equal(concordance_index(time, event, transformed), value)
+
+
+def test_bootstrap_interval_of_a_c_index_holds_the_estimate_and_narrows_with_more_patients() -> None:
+    from fedfusion.common.metrics import concordance_index, metric_interval
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (40, 400):
+        risk = rng.normal(size=n)
+        time = np.exp(-risk + rng.normal(size=n))  # higher risk, earlier event: C-index well above 0.5
+        event = (rng.random(n) < 0.7).astype(int)
+        ci = metric_interval("c_index", time=time, event=event, risk=risk, seed=1)
+        assert ci["c_index_ci_low"] < concordance_index(time, event, risk) < ci["c_index_ci_high"]
+        widths.append(ci["c_index_ci_high"] - ci["c_index_ci_low"])
+    assert widths[1] < widths[0] / 2
+    assert metric_interval("c_index", time=time, event=np.zeros(400, dtype=int), risk=risk) == {
+        "c_index_ci_low": pytest.approx(float("nan"), nan_ok=True),
+        "c_index_ci_high": pytest.approx(float("nan"), nan_ok=True)}  # no events: undefined, not an error
+    assert metric_interval("auc", time=time) == {}
+
+
+def test_bootstrap_interval_of_an_auc_skips_single_class_resamples() -> None:
+    from fedfusion.common.metrics import auc, metric_interval
+
+    labels = np.array([0] * 18 + [1] * 2)  # rare positives: some resamples draw none
+    probs = np.linspace(0.05, 0.95, 20)
+    ci = metric_interval("auc", labels=labels, probs=probs, seed=3)
+    assert 0.5 < ci["auc_ci_low"] <= auc(labels, probs) <= ci["auc_ci_high"] <= 1.0

@@ -229,7 +229,18 @@ def test_cli_explain_runs_and_reports_a_folder_without_a_model(run_dir: Path, tm
                                                                capsys: pytest.CaptureFixture) -> None:
     assert main(["explain", str(run_dir), "--out", str(tmp_path / "x"), "--cases", "1", "--repeats", "1",
                  "--max-features", "2"]) == 0
-    assert "Modality weights" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "Modality weights" in captured.out
+    # stderr is not a terminal here: one plain line per step, in order, no ANSI bar
+    lines = [line for line in captured.err.splitlines() if line.startswith("explain: ")]
+    expected = ["explain: loading the model", "explain: modality weights", "explain: Grad-CAM image site 1/2 A",
+                "explain: Grad-CAM image site 2/2 B", "explain: screening omics features",
+                "explain: permutation importance site A (1/2) feature 1/", "explain: permutation importance site B (2/2)"]
+    positions = [next(i for i, line in enumerate(lines) if line.startswith(text)) for text in expected]
+    assert positions == sorted(positions)
+    total = 2 + 1 + 2 + 3  # 2 numeric, 1 categorical, the 2 screened genes, then each whole modality (schema fixture)
+    assert f"explain: permutation importance site B (2/2) feature {total}/{total}" in captured.err
+    assert "\x1b[" not in captured.err
     with (tmp_path / "x" / "permutation_importance.csv").open() as handle:
         genes = {r["feature"] for r in csv.DictReader(handle) if r["modality"] == "omics" and r["feature"] != "*"}
     assert len(genes) == 2  # 6 genes screened down to the 2 with the largest |gradient x input|
