@@ -46,6 +46,7 @@ def check_site(manifest_path: Path, schema_path: Path, *, check_images: bool = T
         table.add_row("events", f"{summary['events']} (median follow-up {summary['median_time']:.1f})")
     table.add_row("modality coverage", ", ".join(f"{k} {v:.0%}" for k, v in summary["modality_coverage"].items()))
     console.print(table)
+    console.print(f"split: {manifest.split_note}", highlight=False, soft_wrap=True)
     for warning in manifest.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     return EXIT_OK

@@ -82,6 +82,10 @@ DEFAULTS: dict[str, Any] = {
     "secagg-allow-two-sites": False,
     "secagg-weight-bound": 100000.0,  # largest example count a site may report
     "secagg-timeout": 600.0,  # seconds per key-exchange stage (stage 1 trains: round-timeout)
+    # Reply attribution (server/reply_attribution.py): the coordinator kit's roster.json; every reply must
+    # be signed by the roster site it names. `fedfusion run` fills it from `coordinator start --kit`.
+    "roster": "",
+    "sim-min-eval-cases": 0,  # simulation: smallest split whose metrics are released (client/eval_release.py)
 }
 
 # TrainConfig fields whose run-config keys have no ``local-`` prefix (they are federation-wide).

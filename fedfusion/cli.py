@@ -20,6 +20,30 @@ def _cmd_site_check(args: argparse.Namespace) -> int:
                       allow_single_class=args.allow_single_class)
 
 
+def _cmd_site_init(args: argparse.Namespace) -> int:
+    from fedfusion.client.site_init import SiteInitError, init_site
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in text.split(",") if n.strip())
+
+    out = Path(args.out)
+    try:
+        proposal = init_site(Path(args.export), out, schema_path=Path(args.schema) if args.schema else None,
+                             force=args.force, name=args.name, id_column=args.id, time=args.time, event=args.event,
+                             label=args.label, categorical=names(args.categorical), drop=names(args.drop),
+                             omics=names(args.omics), seed=args.seed)
+    except SiteInitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    schema_path = Path(args.schema) if args.schema else out / "schema.json"
+    print(f"proposed from {args.export} -- please confirm:")
+    for line in proposal.lines():
+        print(f"  {line}")
+    print(f"wrote {out / 'manifest.csv'} and {schema_path}\n"
+          f"next: fedfusion site check {out / 'manifest.csv'} --schema {schema_path}")
+    return 0
+
+
 def _cmd_datasets_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -36,14 +60,33 @@ def _cmd_datasets_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_datasets_build(args: argparse.Namespace) -> int:
-    from fedfusion.simulations.datasets import DatasetError, build_dataset
+    from fedfusion.common.progress import ProgressDisplay, report
+
+    with ProgressDisplay("datasets build") as progress:
+        report(progress, "loading the data set readers")  # importing pandas and the packages takes seconds
+        from fedfusion.simulations.datasets import DatasetError, build_dataset
+
+        try:
+            schema_path = build_dataset(args.name, Path(args.out), seed=args.seed, on_step=progress)
+        except DatasetError as err:
+            progress.stop()
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    print(f"wrote {schema_path.parent / 'manifest.csv'} and {schema_path}")
+    return 0
+
+
+def _cmd_datasets_export(args: argparse.Namespace) -> int:
+    from fedfusion.simulations.datasets import DatasetError
+    from fedfusion.simulations.export import export_sites
 
     try:
-        schema_path = build_dataset(args.name, Path(args.out), seed=args.seed)
+        written = export_sites(args.name, Path(args.out))
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {schema_path.parent / 'manifest.csv'} and {schema_path}")
+    for site, path in written.items():
+        print(f"{site}: {path}")
     return 0
 
 
@@ -86,14 +129,25 @@ def _cmd_train_local(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import logging
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from fedfusion.common.config import ConfigError
+    from fedfusion.common.manifest import ManifestError
+    from fedfusion.common.progress import ProgressDisplay, round_step
     from fedfusion.simulations.simulate import SimulationSpec, simulate
+    from fedfusion.simulations.user_sites import SitesDirError, find_sites
 
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler; do not print twice
-    out = Path(args.out or f"runs/{args.dataset}-{args.partition}-{args.strategy}")
-    spec = SimulationSpec(dataset=args.dataset, out_dir=out, partition=args.partition, num_sites=args.num_sites,
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # its per-round INFO lines would bury the progress lines
+    sites_dir = Path(args.sites_dir) if args.sites_dir else None
+    if sites_dir is not None:
+        try:
+            find_sites(sites_dir)  # the folder layout, before anything is built
+        except SitesDirError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    name = sites_dir.name if sites_dir is not None else args.dataset
+    out = Path(args.out or f"runs/{name}-{args.partition}-{args.strategy}")
+    spec = SimulationSpec(dataset=f"sites-dir {sites_dir}" if sites_dir else args.dataset, sites_dir=sites_dir,
+                          out_dir=out, partition=args.partition, num_sites=args.num_sites,
                           rounds=args.rounds, strategy=args.strategy, fusion=args.fusion,
                           local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           baselines=not args.no_baselines, baseline_epochs=args.baseline_epochs, device=args.device,
@@ -101,19 +155,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
                           scale_sites=args.scale_sites, rows_per_site=args.rows_per_site,
                           fraction_train=args.fraction_train, fraction_evaluate=args.fraction_evaluate,
                           ray_address=args.ray_address)
-    console = Console(stderr=True)
-    with Progress(TextColumn("[bold]federated rounds[/]"), BarColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=console) as progress:
-        task = progress.add_task("building sites", total=args.rounds + 1)
-
-        def on_round(row: dict) -> None:
-            metric = next((k for k in ("eval_c_index", "eval_auc") if k in row), None)
-            score = f"{metric[5:]} {row[metric]:.3f}" if metric else ""
-            loss = f"train loss {row['train_loss']:.3f} " if "train_loss" in row else ""
-            progress.update(task, advance=1, description=f"round {row['round']}/{args.rounds} {loss}{score}")
-
-        report = simulate(spec, on_round=on_round)
-    console.print(f"report: {report}")
+    # a bar on a terminal; plain lines (one per stage, round and baseline epoch) in logs and pipes
+    with ProgressDisplay("simulate") as progress:
+        try:
+            report = simulate(spec, on_round=lambda row: progress(round_step(row, args.rounds)), on_step=progress)
+        except (SitesDirError, ManifestError, ConfigError) as err:  # the user's data, before any training
+            progress.stop()
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        progress.message(f"report: {report}")
     print(report.read_text())
     return 0
 
@@ -123,8 +173,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from fedfusion.common.progress import ProgressDisplay
     from fedfusion.simulations.datasets import DatasetError
-    from fedfusion.simulations.experiment import RichProgress, StudyError, load_study, run_study
+    from fedfusion.simulations.experiment import StudyError, load_study, run_study, study_step
 
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-round INFO lines would bury the progress bar
     try:
@@ -135,8 +186,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/study-{Path(args.study).stem}")
     console = Console(stderr=True)
     try:
-        with RichProgress(console) as progress:
-            record = run_study(study, out, on_progress=progress)
+        with ProgressDisplay("experiment", console.file) as progress:  # a bar on a terminal, else plain lines
+            record = run_study(study, out, on_progress=lambda event: progress(study_step(event)))
     except (DatasetError, ValueError) as err:  # the data set cannot be built or split as the study asks
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -148,15 +199,19 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    from fedfusion.common.progress import ProgressDisplay
     from fedfusion.simulations.explain import ExplainError, explain_run
 
-    try:
-        path = explain_run(Path(args.run_dir), Path(args.out) if args.out else None, n_cases=args.cases,
-                           n_repeats=args.repeats, max_features=args.max_features, seed=args.seed,
-                           device=args.device)
-    except ExplainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # permutation importance reports every feature: in a log, one line every 2 s is enough
+    with ProgressDisplay("explain", min_interval=2.0) as progress:
+        try:
+            path = explain_run(Path(args.run_dir), Path(args.out) if args.out else None, n_cases=args.cases,
+                               n_repeats=args.repeats, max_features=args.max_features, seed=args.seed,
+                               device=args.device, on_step=progress)
+        except ExplainError as err:
+            progress.stop()
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     print(path.read_text())
     print(f"explanations: {path.parent}", file=sys.stderr)
     return 0
@@ -216,7 +271,8 @@ def _cmd_privacy_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_coordinator_start(args: argparse.Namespace) -> int:
-    from fedfusion.server.coordinator import CoordinatorError, resolve_certificates, start_coordinator
+    from fedfusion.server.coordinator import (CoordinatorError, adopt_kit_roster, resolve_certificates,
+                                              start_coordinator)
     from fedfusion.server.provision import ProvisionError, authorised_site_keys
 
     kit = Path(args.kit) if args.kit else None
@@ -231,6 +287,9 @@ def _cmd_coordinator_start(args: argparse.Namespace) -> int:
     except (CoordinatorError, ProvisionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if kit is not None and adopt_kit_roster(kit, Path(args.state_dir)) is not None:
+        print(f"replies must be signed by the sites of {kit / 'roster.json'} (copied to {args.state_dir})",
+              file=sys.stderr)
     return start_coordinator(Path(args.state_dir), args.host, args.port, insecure=args.insecure, certificates=certs,
                              node_auth=node_auth, site_keys=site_keys)
 
@@ -249,19 +308,21 @@ def _cmd_coordinator_register_sites(args: argparse.Namespace) -> int:
 
 
 def _cmd_provision(args: argparse.Namespace) -> int:
-    from fedfusion.server.provision import ProvisionError, provision
+    from fedfusion.client.approval import normalise_hashes
+    from fedfusion.server.provision_cli import provision_command
 
-    try:
-        result = provision(Path(args.out), args.sites, args.superlink_host, port=args.port, days=args.days,
-                           schema=Path(args.schema) if args.schema else None, force=args.force, add=args.add)
-    except ProvisionError as err:
+    try:  # the same check a site's [approval] apps gets, so a kit never ships a hash its site refuses
+        approved = sorted(normalise_hashes(args.approve_app, "--approve-app"))
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote kits for {', '.join(result.sites)} under {result.root} (see {result.root / 'README.md'}):\n"
-          f"  coordinator: fedfusion coordinator start --kit {result.root / 'coordinator'} --host 0.0.0.0 "
-          f"--port {args.port}\n"
-          f"  each site:   send {result.root}/SITE/ to that site only; keep {result.root / 'ca'} offline")
-    return 0
+    return provision_command(args, approved)
+
+
+def _cmd_site_keygen(args: argparse.Namespace) -> int:
+    from fedfusion.server.provision_cli import keygen_command
+
+    return keygen_command(args.out, args.site_id, args.force)
 
 
 def _parse_overrides(pairs: list[str]) -> dict[str, object]:
@@ -280,17 +341,20 @@ def _parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedfusion.server.coordinator import launch_run
+    from fedfusion.server.coordinator import CoordinatorError, launch_run, state_roster
 
     config: dict[str, object] = {"num-server-rounds": args.rounds, "min-sites": args.min_sites,
                                  "strategy": args.strategy, "fusion": args.fusion,
                                  "schema": str(Path(args.schema).resolve()),
                                  "run-dir": str(Path(args.run_dir).resolve()), "resume": args.resume}
+    roster = state_roster(Path(args.state_dir))  # from `coordinator start --kit`: replies must be signed
+    if roster is not None:
+        config["roster"] = str(roster)
     try:
         config.update(_parse_overrides(args.set))
         return launch_run(Path(args.state_dir), config, app_dir=Path(args.app_dir) if args.app_dir else None,
                           stream=not args.detach)
-    except (FileNotFoundError, ValueError) as err:
+    except (CoordinatorError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -305,9 +369,13 @@ def _cmd_app_hash(args: argparse.Namespace) -> int:
 
 
 def _cmd_coordinator_stop(args: argparse.Namespace) -> int:
-    from fedfusion.server.coordinator import stop_run
+    from fedfusion.server.coordinator import CoordinatorError, stop_run
 
-    return stop_run(Path(args.state_dir), args.run_id)
+    try:
+        return stop_run(Path(args.state_dir), args.run_id)
+    except CoordinatorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def _cmd_coordinator_sites(args: argparse.Namespace) -> int:
@@ -319,9 +387,9 @@ def _cmd_coordinator_sites(args: argparse.Namespace) -> int:
     console = Console()
     try:
         nodes = list_nodes(Path(args.state_dir))
-    except RuntimeError as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 1
+    except RuntimeError as err:  # CoordinatorError (no state) or an unreachable SuperLink
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     table = Table(title="SuperNodes known to the SuperLink")
     for column in ("node id", "status", "online since", "offline since"):
         table.add_column(column)
@@ -341,13 +409,19 @@ def _cmd_coordinator_sites(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from fedfusion.server.coordinator import run_status
+    from fedfusion.server.coordinator import CoordinatorError, run_status
 
-    return run_status(Path(args.state_dir))
+    try:
+        return run_status(Path(args.state_dir))
+    except CoordinatorError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedfusion",
+    from fedfusion.cli_choices import OneLineParser  # one-line errors, "did you mean", defaults in help
+
+    parser = OneLineParser(prog="fedfusion",
                                      description="Federated multimodal learning across hospital sites.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -359,6 +433,29 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--allow-single-class", action="store_true",
                        help="accept a site whose training rows hold one class (simulated skew)")
     check.set_defaults(func=_cmd_site_check)
+    init = site.add_parser("init", help="propose a schema and write a manifest from a hospital's CSV export "
+                                        "(prints its guesses to confirm)")
+    init.add_argument("export", help="the hospital's CSV export (one row per patient)")
+    init.add_argument("--out", required=True, help="folder for manifest.csv (one folder per site)")
+    init.add_argument("--schema", default=None,
+                      help="schema file to write, or to merge this site into when it exists (default OUT/schema.json)")
+    init.add_argument("--name", default=None, help="schema name (default: the export's file name)")
+    init.add_argument("--id", default=None, help="the patient id column")
+    init.add_argument("--time", default=None, help="follow-up time column (survival)")
+    init.add_argument("--event", default=None, help="event column, 0 = censored / 1 = event (survival)")
+    init.add_argument("--label", default=None, help="outcome column (classification)")
+    init.add_argument("--categorical", default="", help="comma-separated columns to treat as categories")
+    init.add_argument("--drop", default="", help="comma-separated columns to leave out")
+    init.add_argument("--omics", default="", help="comma-separated name patterns of omics columns, e.g. 'gene_*'")
+    init.add_argument("--seed", type=int, default=0, help="seed of the stratified train/val/test split")
+    init.add_argument("--force", action="store_true", help="replace an existing OUT/manifest.csv")
+    init.set_defaults(func=_cmd_site_init)
+    keygen = site.add_parser("keygen", help="make this site's own key pair (site.key stays here; send only "
+                                            "site.pub to the coordinator)")
+    keygen.add_argument("--out", required=True, help="folder for site.key (0600) and site.pub")
+    keygen.add_argument("--site-id", default=None, help="this site's id, written as the public key's comment")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair (re-register it after)")
+    keygen.set_defaults(func=_cmd_site_keygen)
     start = site.add_parser("start", help="check the site's data, then run its Flower SuperNode")
     start.add_argument("config", help="site.toml")
     start.set_defaults(func=_cmd_site_start)
@@ -425,7 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     cdash.set_defaults(func=_cmd_coordinator_dashboard)
 
     prov = sub.add_parser("provision", help="create the federation CA, SuperLink certificate and one kit per site")
-    prov.add_argument("--sites", required=True, help="comma-separated site ids, e.g. st-marys,charite,ucl")
+    prov.add_argument("--sites", default=None,
+                      help="comma-separated site ids, e.g. st-marys,charite,ucl (default with --site-keys: "
+                           "every SITE.pub there)")
     prov.add_argument("--superlink-host", required=True, action="append", metavar="HOST",
                       help="DNS name or IP address sites use to reach the coordinator (repeat for more; "
                            "localhost/127.0.0.1/::1 are always added). The first one goes into site.toml")
@@ -435,6 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--schema", default=None, help="the study's schema.json, copied into every kit")
     prov.add_argument("--add", action="store_true", help="add these sites to the existing kits in --out")
     prov.add_argument("--force", action="store_true", help="replace existing kits (their old keys stop working)")
+    prov.add_argument("--approve-app", action="append", default=[], metavar="SHA256",
+                      help="app bundle hash (from `fedfusion app-hash`) for every site's [approval] apps; repeat "
+                           "for more. None: sites refuse every bundle until they add one")
+    prov.add_argument("--site-keys", default=None, metavar="DIR",
+                      help="folder of SITE.pub files the sites made with `fedfusion site keygen` (recommended): "
+                           "their kits hold no private key")
     prov.set_defaults(func=_cmd_provision)
 
     run = sub.add_parser("run", help="launch a federated run on a started coordinator")
@@ -469,6 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("out")
     build.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
     build.set_defaults(func=_cmd_datasets_build)
+    export = datasets.add_parser("export", help="write one plain CSV per natural site, as a hospital's export looks "
+                                                "(no split column): input for `site init`")
+    export.add_argument("name", help="a data set with real sites (ovarian, breast-cohorts, lung)")
+    export.add_argument("--out", required=True, help="folder for <site>.csv files")
+    export.set_defaults(func=_cmd_datasets_export)
 
     local = sub.add_parser("train-local", help="pooled or single-site baseline training")
     local.add_argument("--manifest", required=True)
@@ -489,7 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     local.set_defaults(func=_cmd_train_local)
 
     sim = sub.add_parser("simulate", help="split shipped real data into sites and run a simulated federation")
-    sim.add_argument("--dataset", default="ovarian")
+    sim.add_argument("--dataset", default="ovarian", help="a shipped data set (`fedfusion datasets list`)")
+    sim.add_argument("--sites-dir", default=None,
+                     help="your own data instead: DIR/schema.json + DIR/<site>/manifest.csv (docs/schema.md)")
     sim.add_argument("--partition", default="natural", choices=["natural", "iid", "dirichlet", "quantity",
                                                                  "covariate-shift", "modality-missing"],
                      help="natural = the data's real sites; the others are SIMULATED (simulations/partition.py)")
@@ -556,7 +668,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for key, value in NO_TELEMETRY.items():
         os.environ.setdefault(key, value)
+    from fedfusion.cli_choices import exit_on_bad_choice
+
     args = build_parser().parse_args(argv)
+    exit_on_bad_choice(args)  # --dataset/--fusion/--backbone against the registries, before any work starts
     return int(args.func(args))
 
 

@@ -61,12 +61,12 @@ import pandas as pd
 
 from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema, VisitSpec
 from fedfusion.common.longitudinal import to_long_format
+from fedfusion.common.progress import StepCallback, report
+from fedfusion.common.site_split import TEST_FRACTION, VAL_FRACTION, split_rows
 from fedfusion.simulations.rendering import Morphometry, nucleus_rng, render_nucleus, save_png
 
 RESERVED_COLUMNS = ("case_id", "site", "split", "label", "time", "event", "image", "omics")
 SPLITS = ("train", "val", "test")
-TEST_FRACTION = 0.2
-VAL_FRACTION = 0.1  # of what remains after the test split
 LUNG_MIN_SITE_SIZE = 10
 INSTALL_HINT = 'pip install "fedfusion[datasets]"'
 
@@ -200,18 +200,6 @@ def list_datasets() -> list[DatasetInfo]:
 # --------------------------------------------------------------------------- splits
 
 
-def _largest_remainder(total: int, sizes: np.ndarray) -> np.ndarray:
-    """Integer shares of ``total`` proportional to ``sizes`` (each capped at its size), summing to total."""
-    quota = total * sizes / sizes.sum()
-    out = np.minimum(np.floor(quota).astype(int), sizes)
-    order = sorted(range(len(sizes)), key=lambda i: (-(quota[i] - np.floor(quota[i])), -sizes[i], i))
-    while out.sum() < total:
-        for i in order:
-            if out.sum() < total and out[i] < sizes[i]:
-                out[i] += 1
-    return out
-
-
 def assign_splits(sites: pd.Series, strata: pd.Series, seed: int) -> pd.Series:
     """``train``/``val``/``test`` per row: within each site 20 % test, 10 % of the rest val,
     stratified by ``strata``; raises :class:`DatasetError` for a site with fewer than 3 rows."""
@@ -222,17 +210,7 @@ def assign_splits(sites: pd.Series, strata: pd.Series, seed: int) -> pd.Series:
         n = len(rows)
         if n < 3:
             raise DatasetError(f"site '{site}' has {n} rows; each site needs >= 3 to fill train/val/test")
-        n_test = max(1, int(np.floor(TEST_FRACTION * n + 0.5)))
-        n_val = max(1, int(np.floor(VAL_FRACTION * (n - n_test) + 0.5)))
-        n_val = min(n_val, n - n_test - 1)
-        groups = [rows[(strata.loc[rows] == s).to_numpy()] for s in sorted(strata.loc[rows].unique(), key=str)]
-        sizes = np.array([len(g) for g in groups])
-        k_test = _largest_remainder(n_test, sizes)
-        k_val = _largest_remainder(n_val, sizes - k_test)
-        for g, kt, kv in zip(groups, k_test, k_val, strict=True):
-            shuffled = rng.permutation(np.asarray(g))
-            out.loc[shuffled[:kt]] = "test"
-            out.loc[shuffled[kt : kt + kv]] = "val"
+        split_rows(rows, strata, rng, out)  # common/site_split.py: the one split algorithm
     return out
 
 
@@ -544,13 +522,25 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     os.replace(tmp, path)
 
 
-def build_dataset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+def source_table(name: str) -> tuple[pd.DataFrame, Schema, bool]:
+    """Data set ``name`` as one row per patient (``case_id``, ``site`` when real, targets, features; no
+    split), its schema, and whether it has images or visits (files/rows a plain CSV export cannot hold)."""
+    if name not in _BUILDERS:
+        raise DatasetError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}")
+    built = _BUILDERS[name]()
+    _check(built)
+    return built.frame, built.schema, built.images is not None or built.visits is not None
+
+
+def build_dataset(name: str, out_dir: str | Path, seed: int = 0, on_step: StepCallback | None = None) -> Path:
     """Write ``schema.json``, ``manifest.csv`` (and ``images/``) for data set ``name`` into
     ``out_dir`` and return the schema path. Re-running overwrites; the same seed gives identical
-    files, another seed another split (and, for rendered images, other random detail)."""
+    files, another seed another split (and, for rendered images, other random detail).
+    ``on_step`` hears each stage (reading, rendering images, writing): a build takes seconds."""
     if name not in _BUILDERS:
         raise DatasetError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}")
     out_dir = Path(out_dir)
+    report(on_step, f"reading {name} from its package")
     built = _BUILDERS[name]()
     _check(built)
     frame, schema = built.frame, built.schema
@@ -562,9 +552,11 @@ def build_dataset(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if built.images is not None:
+        report(on_step, "rendering images", detail=f"{len(frame)} cases")
         built.images(out_dir, seed)
     if built.visits is not None and schema.visits is not None:  # long format: one row per visit
         frame = to_long_format(frame, built.visits, schema.visits.time_column)
+    report(on_step, "writing manifest.csv and schema.json", detail=str(out_dir))
     # 8 significant digits: beyond any assay's precision, and it halves the wide omics files
     _atomic_write(out_dir / "manifest.csv", lambda p: frame.to_csv(p, index=False, float_format="%.8g"))
     schema_path = out_dir / "schema.json"

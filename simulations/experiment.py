@@ -19,10 +19,13 @@ trains and scores each method on every site's own test split:
   at test time, how much it leans on it), and ``tabular`` baselines
   (:func:`fedfusion.simulations.tabular_baselines.run_site_tabular_baselines`).
 
-Study file (TOML; keys are hyphenated like Flower's run config; only ``dataset`` is required)::
+Study file (TOML; keys are hyphenated like Flower's run config; only ``dataset`` -- or
+``sites-dir`` -- is required)::
 
     name = "ovarian-natural"          # report title and the privacy-ledger study key prefix
     dataset = "ovarian"               # `fedfusion datasets list`
+    # sites-dir = "my-sites"          # or your own data instead of `dataset`: schema.json + one folder per
+                                      # site with manifest.csv (relative to this file; docs/schema.md)
     seeds = [0, 1, 2, 3, 4]           # or a count: seeds = 5 (0..4)
     rounds = 10                       # federated rounds
     local-epochs = 2                  # epochs per round at each site
@@ -85,6 +88,7 @@ from pathlib import Path
 from typing import Any
 
 from fedfusion.common.federation_config import DEFAULTS
+from fedfusion.common.progress import Step
 from fedfusion.common.training import Predictions
 from fedfusion.simulations.datasets import DATASETS
 from fedfusion.simulations.partition import PARTITIONS, partition_manifest
@@ -103,7 +107,7 @@ if "secure-aggregation" in DEFAULTS:
     BUILTIN_METHODS["fedavg-secagg"] = {"strategy": "fedavg", "secure-aggregation": True}
 #: Run-config keys the runner sets for every run; a study may not override them.
 RUNNER_KEYS = frozenset({"schema", "run-dir", "data-dir", "sites", "seed", "resume"})
-_TOP_KEYS = {"name", "dataset", "seeds", "rounds", "local-epochs", "fusion", "methods", "leave-one-site-out",
+_TOP_KEYS = {"name", "dataset", "sites-dir", "seeds", "rounds", "local-epochs", "fusion", "methods", "leave-one-site-out",
              "unimodal", "ablation", "tabular", "fail-fast", "partition", "training", "run-config", "method"}
 _TRAINING_KEYS = {"batch-size": int, "lr": float, "baseline-epochs": int, "device": str, "cpus-per-site": int,
                   "gpus-per-site": float}
@@ -128,6 +132,7 @@ class Study:
 
     dataset: str
     name: str = ""
+    sites_dir: str | None = None  # your own sites (simulations/user_sites.py); `dataset` is then a label
     seeds: tuple[int, ...] = (0,)
     rounds: int = 5
     local_epochs: int = 2
@@ -181,10 +186,11 @@ def parse_study(raw: Mapping[str, Any], source: str = "<study>") -> Study:
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise fail(unknown[0], f"is not a study key; expected some of {sorted(_TOP_KEYS)}")
-    if "dataset" not in raw:
-        raise fail("dataset", f"is required; one of {sorted(DATASETS)}")
-    dataset = _typed(raw, "dataset", str, fail)
-    if dataset not in DATASETS:
+    sites_dir = _sites_dir(raw, source, fail)
+    if "dataset" not in raw and sites_dir is None:
+        raise fail("dataset", f"is required (or 'sites-dir' for your own data); one of {sorted(DATASETS)}")
+    dataset = f"sites-dir {sites_dir}" if sites_dir is not None else _typed(raw, "dataset", str, fail)
+    if sites_dir is None and dataset not in DATASETS:
         raise fail("dataset", f"= {dataset!r} is not a shipped data set; choose one of {sorted(DATASETS)}")
     seeds = _seeds(raw.get("seeds", 1), fail)
     rounds = _positive(raw, "rounds", 5, fail)
@@ -233,7 +239,8 @@ def parse_study(raw: Mapping[str, Any], source: str = "<study>") -> Study:
         raise fail("tabular", f"must be true, false or a list of model names, got {tabular!r}")
     return Study(
         dataset=dataset,
-        name=_typed(raw, "name", str, fail, f"{dataset}-{partition}"),
+        sites_dir=sites_dir,
+        name=_typed(raw, "name", str, fail, f"{Path(sites_dir).name if sites_dir else dataset}-{partition}"),
         seeds=seeds,
         rounds=rounds,
         local_epochs=local_epochs,
@@ -255,6 +262,21 @@ def parse_study(raw: Mapping[str, Any], source: str = "<study>") -> Study:
         tabular=tabular,
         fail_fast=_typed(raw, "fail-fast", bool, fail, False),
     )
+
+
+def _sites_dir(raw: Mapping[str, Any], source: str, fail: Callable[[str, str], StudyError]) -> str | None:
+    """``sites-dir`` resolved against the study file's folder (None when absent); never with ``dataset``."""
+    if "sites-dir" not in raw:
+        return None
+    if "dataset" in raw:
+        raise fail("sites-dir", "and 'dataset' are both given; keep one (sites-dir = your own data)")
+    value = _typed(raw, "sites-dir", str, fail)
+    path = Path(value)
+    if not path.is_absolute() and source != "<study>":
+        path = Path(source).resolve().parent / path
+    if not path.is_dir():
+        raise fail("sites-dir", f"= {value!r}: no such folder ({path}); expected schema.json + one sub-folder per site")
+    return str(path)
 
 
 def _typed(raw: Mapping[str, Any], key: str, kind: type, fail: Callable[[str, str], StudyError],
@@ -420,28 +442,9 @@ def run_study(study: Study, out_dir: str | Path,
     return record
 
 
-class RichProgress:
-    """A rich progress bar for ``on_progress``: seed, step (method), round and the latest metric."""
-
-    def __init__(self, console: Any = None) -> None:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("[bold]study[/]"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                                 TextColumn("{task.description}"), TimeElapsedColumn(), console=console)
-        self.task = self.progress.add_task("starting", total=100.0)
-
-    def __enter__(self) -> RichProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
-
-    def __call__(self, event: StudyProgress) -> None:
-        parts = [f"seed {event.seed} ({event.seed_index}/{event.seeds})", event.step]
-        if event.round is not None:
-            parts.append(f"round {event.round}/{event.rounds}")
-        if event.metric and not math.isnan(event.value):
-            parts.append(f"{event.metric} {event.value:.3f}")
-        done = (event.seed_index - 1 + event.done / max(event.steps, 1)) / max(event.seeds, 1)
-        self.progress.update(self.task, completed=100.0 * done, description=" · ".join(parts))
+def study_step(event: StudyProgress) -> Step:
+    """A runner event as a progress :class:`~fedfusion.common.progress.Step` (``fedfusion experiment``
+    shows it as a bar on a terminal, as one plain line per event in a log)."""
+    detail = f"{event.metric} {event.value:.3f} " if event.metric and not math.isnan(event.value) else ""
+    return Step(f"seed {event.seed} ({event.seed_index}/{event.seeds}): {event.step}", event.round, event.rounds,
+                "round" if event.round is not None else "", f"{detail}(steps done {event.done}/{event.steps})")

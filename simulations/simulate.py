@@ -21,7 +21,8 @@ import torch
 from fedfusion.common.config import ConfigError, ModelConfig, TrainConfig, load_schema
 from fedfusion.common.data import MultimodalDataset, Preprocessor
 from fedfusion.common.manifest import Manifest, load_manifest
-from fedfusion.common.plots import plot_bars
+from fedfusion.common.plots import chance_level, plot_bars
+from fedfusion.common.progress import StepCallback, report
 from fedfusion.common.results import markdown_table, write_json, write_rows
 from fedfusion.common.training import (
     LossFunction,
@@ -32,11 +33,13 @@ from fedfusion.common.training import (
     predict,
     primary_metric,
 )
-from fedfusion.server.report import delivered_evaluations
+from fedfusion.server.report import delivered_evaluations, final_site_metrics, rounds_table, site_test_sizes
 from fedfusion.simulations.datasets import build_dataset
 from fedfusion.simulations.local_training import run_local_training
 from fedfusion.simulations.partition import partition_manifest
+from fedfusion.simulations.runtime_notices import known_notices_hidden
 from fedfusion.simulations.scale_sites import POOLED_MANIFEST
+from fedfusion.simulations.user_sites import prepare_user_sites, split_lines
 
 log = logging.getLogger("fedfusion.simulate")
 
@@ -71,12 +74,19 @@ class SimulationSpec:
     fraction_evaluate: float = 1.0
     # An existing Ray cluster ("host:6379", "auto"); "" = the RAY_ADDRESS variable, else a private local Ray
     ray_address: str = ""
+    # Your own data (simulations/user_sites.py): DIR/schema.json + DIR/<site>/manifest.csv instead of `dataset`
+    sites_dir: Path | None = None
 
 
 def prepare_sites(spec: SimulationSpec) -> tuple[Path, dict[str, Path]]:
     """Build the data set into ``out_dir/data`` and write one manifest per site (none in scale mode:
     virtual sites are drawn from the pooled manifest when they are sampled)."""
     data_dir = spec.out_dir / "data"
+    if spec.sites_dir is not None:
+        if spec.partition != "natural" or spec.scale_sites > 0:
+            raise ConfigError("--sites-dir: the sub-folders are the sites; use the natural partition, no scale mode")
+        schema_path, sites = prepare_user_sites(Path(spec.sites_dir), data_dir, spec.seed)
+        return schema_path, sites
     schema_path = build_dataset(spec.dataset, data_dir, seed=spec.seed)
     schema = load_schema(schema_path)
     if spec.scale_sites > 0:
@@ -143,14 +153,17 @@ def run_simulated_federation(run_config: dict[str, Any], num_sites: int, *, cpus
     from flwr.simulation import run_simulation
 
     from fedfusion.client.app import make_client_app
+    from fedfusion.common.secagg.testbed import with_simulation_keys
     from fedfusion.server.app import make_server_app
 
     box: dict[str, Any] = {}
+    run_config = with_simulation_keys(run_config, num_sites)  # secure rounds: per-site keys and a roster
     server = make_server_app(run_config, on_round=on_round, on_done=lambda r: box.setdefault("result", r))
     client = make_client_app(run_config)
     backend = {"client_resources": {"num_cpus": int(cpus_per_site), "num_gpus": float(gpus_per_site)},
                "init_args": ray_init_args(ray_address, num_cpus)}
-    run_simulation(server_app=server, client_app=client, num_supernodes=num_sites, backend_config=backend)
+    with known_notices_hidden():  # Flower's deprecation of this function and Ray's GPU-env tip: nothing to act on
+        run_simulation(server_app=server, client_app=client, num_supernodes=num_sites, backend_config=backend)
     if "result" not in box:
         raise RuntimeError("the simulated federation ended without a result; see the log above")
     return box["result"]
@@ -174,31 +187,63 @@ def score_site(model: torch.nn.Module, preprocessor: Preprocessor, manifest: Man
     return predict(model, make_loader(data, 256, shuffle=False), LossFunction(manifest.schema), pick_device(device))
 
 
-def run_baselines(spec: SimulationSpec, schema_path: Path, sites: dict[str, Path]) -> list[dict[str, Any]]:
-    """Pooled and local-only models, each scored on every site's own test split."""
+def _epoch_reporter(on_step: StepCallback | None, stage: str, total: int, metric: str
+                    ) -> Callable[[dict[str, float]], None] | None:
+    """An ``on_epoch`` hook that reports ``stage epoch k/total`` with its losses (None: nobody listens)."""
+    if on_step is None:
+        return None
+
+    def on_epoch(row: dict[str, float]) -> None:
+        detail = f"loss {row['train_loss']:.3f}" if "train_loss" in row else ""
+        if f"val_{metric}" in row:
+            detail += f" val {metric} {row[f'val_{metric}']:.3f}"
+        report(on_step, stage, int(row["epoch"]), total, unit="epoch", detail=detail.strip())
+
+    return on_epoch
+
+
+def run_baselines(spec: SimulationSpec, schema_path: Path, sites: dict[str, Path],
+                  on_step: StepCallback | None = None) -> list[dict[str, Any]]:
+    """Pooled and local-only models, each scored on every site's own test split.
+
+    ``on_step`` hears ``baseline pooled`` then ``baseline local-only site S`` with epoch/total: these
+    trainings take minutes after the last round, and early stopping may end a stage before ``total``."""
     schema = load_schema(schema_path)
     metric = primary_metric(schema)
     model_cfg, train_cfg = baseline_configs(spec)
     rows: list[dict[str, Any]] = []
+    report(on_step, "baseline pooled", 0, train_cfg.epochs, unit="epoch", detail="all sites' training rows")
     pooled = run_local_training(load_manifest(schema_path.parent / "manifest.csv", schema, check_images=False),
-                                model_cfg, train_cfg)
+                                model_cfg, train_cfg,
+                                on_epoch=_epoch_reporter(on_step, "baseline pooled", train_cfg.epochs, metric))
     for site, path in sites.items():
         site_manifest = load_manifest(path, schema, check_images=False, allow_single_class=True)
         pred = score_site(pooled.model, pooled.preprocessor, site_manifest, spec.device)
         rows.append({"site": site, "method": "pooled", metric: metrics_from(pred).get(metric, float("nan"))})
-        local = run_local_training(site_manifest, model_cfg, train_cfg)
+        stage = f"baseline local-only site {site}"
+        report(on_step, stage, 0, train_cfg.epochs, unit="epoch")
+        local = run_local_training(site_manifest, model_cfg, train_cfg,
+                                   on_epoch=_epoch_reporter(on_step, stage, train_cfg.epochs, metric))
         rows.append({"site": site, "method": "local-only", metric: local.test.get(metric, float("nan"))})
     return rows
 
 
-def simulate(spec: SimulationSpec, on_round: Callable[[dict[str, Any]], None] | None = None) -> Path:
-    """The whole study: sites, federation, baselines, report. Returns the report's path."""
+def simulate(spec: SimulationSpec, on_round: Callable[[dict[str, Any]], None] | None = None,
+             on_step: StepCallback | None = None) -> Path:
+    """The whole study: sites, federation, baselines, report. Returns the report's path.
+
+    ``on_round`` gets each round's metrics row; ``on_step`` hears the stages around the rounds
+    (building sites, starting the runtime, each baseline's epochs, writing the report)."""
     spec = replace(spec, out_dir=spec.out_dir.resolve())
     spec.out_dir.mkdir(parents=True, exist_ok=True)
+    report(on_step, "building sites")
     schema_path, sites = prepare_sites(spec)
     schema = load_schema(schema_path)
     metric = primary_metric(schema)
     run_config = run_config_for(spec, schema_path, sites)
+    report(on_step, "federation", 0, spec.rounds, unit="round",
+           detail=f"{num_simulated_sites(spec, sites)} sites; starting Flower's simulation runtime, then round 0 "
+                  "scores the initial model")
     result = run_simulated_federation(run_config, num_simulated_sites(spec, sites), cpus_per_site=spec.cpus_per_site,
                                       gpus_per_site=spec.gpus_per_site, on_round=on_round,
                                       ray_address=spec.ray_address)
@@ -209,7 +254,8 @@ def simulate(spec: SimulationSpec, on_round: Callable[[dict[str, Any]], None] | 
                   for m in final]
     comparison += [{"site": s, "method": "initial model (round 0)", metric: v} for s, v in initial.items()]
     if spec.baselines and spec.scale_sites == 0:
-        comparison += run_baselines(spec, schema_path, sites)
+        comparison += run_baselines(spec, schema_path, sites, on_step)
+    report(on_step, "writing report")
     return write_study_report(spec, schema.name, metric, comparison, result)
 
 
@@ -219,15 +265,17 @@ def write_study_report(spec: SimulationSpec, schema_name: str, metric: str, comp
     write_rows(out / "comparison.csv", comparison)
     methods = list(dict.fromkeys(r["method"] for r in comparison))
     sites = list(dict.fromkeys(r["site"] for r in comparison))
+    sizes = {r["site"]: r for r in site_test_sizes(final_site_metrics(result), metric)}
     table = []
-    for site in sites:
-        row: dict[str, Any] = {"site": site}
+    for site in sites:  # test n / events first: how far each site's numbers can be trusted
+        row: dict[str, Any] = {"site": site, **{k: v for k, v in sizes.get(site, {}).items() if k in ("test n", "events")}}
         for method in methods:
             values = [r[metric] for r in comparison if r["site"] == site and r["method"] == method]
             row[method] = float(values[0]) if values else float("nan")
         table.append(row)
-    means = {"site": "**mean over sites**"}
+    means: dict[str, Any] = {"site": "**mean over sites**"}
     means.update({m: float(np.nanmean([r[m] for r in table])) for m in methods})
+    spread = {m: float(np.nanstd([r[m] for r in table], ddof=1)) if len(table) > 1 else float("nan") for m in methods}
     table.append(means)
     write_json(out / "summary.json", {"dataset": spec.dataset, "partition": spec.partition, "metric": metric,
                                       "rounds": spec.rounds, "strategy": spec.strategy, "fusion": spec.fusion,
@@ -237,8 +285,9 @@ def write_study_report(spec: SimulationSpec, schema_name: str, metric: str, comp
                                       "ray_address": ray_init_args(spec.ray_address).get("address", ""),
                                       "selected_round": result.selected_round, "selection": result.selection,
                                       "federated_rounds": result.rounds})
-    plot_bars({m: means[m] for m in methods}, out / f"methods_{metric}.png", ylabel=f"mean {metric} over sites",
-              title=f"{schema_name}: {spec.partition} split")
+    plot_bars({m: means[m] for m in methods}, out / f"methods_{metric}.png",
+              ylabel=f"{metric}: site mean ± sd", title=f"{schema_name}: {spec.partition} split",
+              errors={m: (means[m] - spread[m], means[m] + spread[m]) for m in methods}, reference=chance_level(metric))
     lines = [
         (f"# fedfusion study: {schema_name}, scale mode, {spec.scale_sites} virtual sites" if spec.scale_sites > 0
          else f"# fedfusion study: {schema_name}, {spec.partition} split, {len(sites)} sites"), "",
@@ -251,12 +300,15 @@ def write_study_report(spec: SimulationSpec, schema_name: str, metric: str, comp
         + (f"Scale mode: {spec.scale_sites} VIRTUAL sites of {spec.rows_per_site} real rows each, drawn with "
            "replacement across sites (simulations/scale_sites.py); only the sites sampled for evaluation "
            "appear below (a different sample each round), and there are no baselines." if spec.scale_sites > 0
-           else "Partition " + ("`natural`: real sites of the data set." if spec.partition == "natural" else
+           else "Partition " + ("`natural`: your sites (--sites-dir)." if spec.sites_dir is not None else
+                                "`natural`: real sites of the data set." if spec.partition == "natural" else
                                 f"`{spec.partition}`: SIMULATED sites.")), "",
         markdown_table(table, digits=3), "",
         f"Per-round federated metrics: `federated/metrics.csv`, plot `federated/global_{metric}_per_round.png`, "
         f"per-site metrics `federated/site_metrics.csv`, global model `federated/model.pt`.", "",
-        "## Rounds", "", markdown_table(result.rounds, digits=4), "",
+        *split_lines(out / "data"),
+        "## Rounds", "", "Site-weighted means of what the sites reported; every column (timings, counts, σ per "
+        "site) is in `federated/metrics.csv`.", "", markdown_table(rounds_table(result.rounds, metric)), "",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines))

@@ -230,6 +230,11 @@ def write_study_outputs(record: StudyRecord) -> Path:
           + f"; {len(study.seeds)} seed(s) {list(study.seeds)}; {study.rounds} federated rounds x "
           f"{study.local_epochs} local epochs; fusion `{study.fusion}`; baselines up to {study.baseline_epochs} "
           f"epochs with early stopping on each training set's val split. Ran in {record.seconds / 60:.1f} min.")
+    if study.sites_dir:
+        doc.p(f"Sites: the sub-folders of `{study.sites_dir}` (your data). Each site's test split is its own "
+              "`split` column or, where it has none, a split made at the site: seeded with the study seed, "
+              "stratified on " + ("the label" if record.task == "classification" else "the event") + " "
+              "(common/site_split.py); `runs/seed-N/data/splits.json` lists each site's counts and source.")
     doc.p(f"Every number is a test-split **{metric}**. Per method: for each seed the mean over sites (each "
           "site's own test split), then mean ± sd over seeds (FLamby's convention). `pooled` trains one model on "
           "the union of the sites' training rows (what no hospital may do); `local-only` is each site's own model "

@@ -63,6 +63,7 @@ class SeedRun:
         self.study, self.seed, self.index, self.dir, self.record = study, seed, index, seed_dir, record
         self.on_progress, self.token = on_progress, token
         self.spec = SimulationSpec(dataset=study.dataset, out_dir=seed_dir, partition=study.partition,
+                                   sites_dir=Path(study.sites_dir) if study.sites_dir else None,
                                    num_sites=study.num_sites, rounds=study.rounds, fusion=study.fusion,
                                    local_epochs=study.local_epochs, batch_size=study.batch_size, lr=study.lr,
                                    seed=seed, baseline_epochs=study.baseline_epochs, device=study.device,

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from fedfusion.common.config import ClinicalColumn, Schema
+
 OMICS = tuple(f"gene{i}" for i in range(6))
 
 
@@ -43,3 +45,33 @@ def make_site(folder: Path, n: int = 40, seed: int = 0, with_images: bool = True
     path = folder / "manifest.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
+
+
+def survival_schema() -> Schema:
+    """A hospital-style survival schema: its own time/event column names, numeric and categorical columns."""
+    return Schema(name="my-sites", task="survival", time_column="time_months", event_column="death",
+                  clinical=(ClinicalColumn("age"), ClinicalColumn("tumour_size"),
+                            ClinicalColumn("stage", kind="categorical", categories=("I", "II", "III"))))
+
+
+def make_sites_dir(root: Path, sizes: dict[str, int], split_at: tuple[str, ...] = ()) -> Path:
+    """``root/schema.json`` + ``root/<site>/manifest.csv`` (id, time, event, 3 clinical columns); the
+    survival time shrinks with age so there is something to learn. Sites in ``split_at`` carry a split."""
+    root.mkdir(parents=True, exist_ok=True)
+    survival_schema().save(root / "schema.json")
+    for k, (site, n) in enumerate(sizes.items()):
+        rng = np.random.default_rng(k)
+        age = rng.normal(60, 10, n)
+        frame = pd.DataFrame({
+            "case_id": [f"{site}-{i:03d}" for i in range(n)],
+            "time_months": np.round(rng.exponential(60 * np.exp(-(age - 60) / 15)) + 0.5, 1),
+            "death": (rng.uniform(size=n) < 0.6).astype(int),
+            "age": age.round(1),
+            "tumour_size": rng.normal(30, 8, n).round(1),
+            "stage": rng.choice(["I", "II", "III"], n),
+        })
+        if site in split_at:
+            frame.insert(1, "split", np.where(np.arange(n) % 5 == 0, "test", "train"))
+        (root / site).mkdir(parents=True)
+        frame.to_csv(root / site / "manifest.csv", index=False)
+    return root
