@@ -117,8 +117,11 @@ def test_two_secure_aggregation_rounds_over_tls(deployment: tuple[LoopbackDeploy
         assert float(row["secagg_masked"]) == len(SITES) and float(row["secagg_sites"]) == len(SITES), row
     site_rows = list(csv.DictReader((run_dir / "site_metrics.csv").open()))
     assert not [r for r in site_rows if r["phase"] == "train"], "a secure round must not report per-site training"
-    evaluated = {(r["round"], r["site"]): float(r["c_index"]) for r in site_rows if r["phase"] == "evaluate"}
-    assert sum(evaluated[("2", s)] > evaluated[("0", s)] for s in SITES) >= 2, evaluated
+    # study-4 (17 test cases < min-eval-cases 20) releases counts only; the two larger studies score.
+    evaluated = {(r["round"], r["site"]): float(r["c_index"]) for r in site_rows
+                 if r["phase"] == "evaluate" and r["c_index"] != ""}
+    assert {site for _, site in evaluated} == {"study-16", "study-13"}, evaluated
+    assert sum(evaluated[("2", s)] > evaluated[("0", s)] for s in ("study-16", "study-13")) >= 1, evaluated
     from fedfusion.client.audit import iter_records
 
     stages = {r["message_type"] for r in iter_records(dep.folder / "audit.jsonl") if r["run_id"] and r["round"] == 2}
