@@ -132,7 +132,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedfusion.common.config import ConfigError
     from fedfusion.common.manifest import ManifestError
     from fedfusion.common.progress import ProgressDisplay, round_step
-    from fedfusion.simulations.simulate import SimulationSpec, simulate
+    from fedfusion.simulations.simulate import SimulationSpec, federated_ended_early, simulate
     from fedfusion.simulations.user_sites import SitesDirError, find_sites
 
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler; do not print twice
@@ -165,6 +165,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             return 2
         progress.message(f"report: {report}")
     print(report.read_text())
+    ended = federated_ended_early(spec.out_dir)
+    if ended:
+        print(f"error: the federated run ended early: {ended}", file=sys.stderr)
+        return 1
     return 0
 
 

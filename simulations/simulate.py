@@ -8,6 +8,7 @@ time. Baselines use the same preprocessing and training code as the federated si
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -167,6 +168,18 @@ def run_simulated_federation(run_config: dict[str, Any], num_sites: int, *, cpus
     if "result" not in box:
         raise RuntimeError("the simulated federation ended without a result; see the log above")
     return box["result"]
+
+
+def federated_ended_early(out_dir: Path) -> str:
+    """Why the federated run of ``out_dir`` stopped before its last round ("" when it did not).
+
+    Read from the run folder's summary.json (server/report.py) so the command can exit non-zero: a
+    report with fewer rounds than asked is not the job the researcher asked for.
+    """
+    summary = out_dir / "federated" / "summary.json"
+    if not summary.is_file():
+        return ""
+    return str(json.loads(summary.read_text()).get("ended_early") or "")
 
 
 def baseline_configs(spec: SimulationSpec) -> tuple[ModelConfig, TrainConfig]:

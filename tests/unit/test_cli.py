@@ -139,3 +139,26 @@ def test_help_shows_defaults() -> None:
     help_text = build_parser()._subparsers._group_actions[0].choices["simulate"].format_help()  # type: ignore[union-attr]
     text = " ".join(help_text.split())  # argparse wraps lines at the terminal width
     assert "(default: ovarian)" in text and "(default: natural)" in text and "(default: 5)" in text
+
+
+@pytest.mark.parametrize(("ended_early", "expected"), [("", 0), ("round 2: every site that answered refused to train", 1)])
+def test_simulate_exits_non_zero_when_the_federated_run_ended_early(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        ended_early: str, expected: int) -> None:
+    """A report with fewer rounds than asked is not the job that was asked: exit 1 with one line why."""
+    import json
+
+    import fedfusion.simulations.simulate as simulate_module
+
+    def fake_simulate(spec, on_round=None, on_step=None):  # the exit mapping is under test, not training
+        (spec.out_dir / "federated").mkdir(parents=True)
+        (spec.out_dir / "federated" / "summary.json").write_text(json.dumps({"ended_early": ended_early}))
+        report = spec.out_dir / "report.md"
+        report.write_text("# report\n")
+        return report
+
+    monkeypatch.setattr(simulate_module, "simulate", fake_simulate)
+    code = main(["simulate", "--dataset", "ovarian", "--rounds", "3", "--out", str(tmp_path / "run")])
+    assert code == expected
+    err = capsys.readouterr().err
+    assert ("ended early" in err) == bool(ended_early)
