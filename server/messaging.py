@@ -69,15 +69,13 @@ def read_replies(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class RecordingGrid(Grid):
-    """A Grid that records every reply it hands out in a :class:`ReplyLog`; everything else is the
-    wrapped Grid's. Wrapping the Grid (not each caller) means no reply can reach the round loop,
-    the secure-aggregation stages or evaluation unrecorded."""
+class ForwardingGrid(Grid):
+    """A Grid that hands every call to the wrapped one: the base of the wrappers that watch replies
+    (:class:`RecordingGrid` here, ``AttributingGrid`` in server/reply_attribution.py), so each of them
+    overrides only the calls it watches."""
 
-    def __init__(self, grid: Grid, replies: ReplyLog) -> None:
+    def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.replies = replies
-        self._rounds: dict[str, int] = {}  # pushed message id -> its round, until its reply is pulled
 
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
@@ -94,6 +92,26 @@ class RecordingGrid(Grid):
 
     def get_nodes(self) -> Iterable[Any]:
         return self.grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class RecordingGrid(ForwardingGrid):
+    """A Grid that records every reply it hands out in a :class:`ReplyLog`; everything else is the
+    wrapped Grid's. Wrapping the Grid (not each caller) means no reply can reach the round loop,
+    the secure-aggregation stages or evaluation unrecorded."""
+
+    def __init__(self, grid: Grid, replies: ReplyLog) -> None:
+        super().__init__(grid)
+        self.replies = replies
+        self._rounds: dict[str, int] = {}  # pushed message id -> its round, until its reply is pulled
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)

@@ -25,6 +25,7 @@ from flwr.supercore import log
 from fedfusion.common.records import SITE_KEY
 from fedfusion.common.reply_signature import PURPOSE, SIGNATURE_RECORD, signed_statement, unsigned_reply_sha256
 from fedfusion.common.roster import Roster
+from fedfusion.server.messaging import ForwardingGrid
 
 ROSTER_RUN_CONFIG_KEY = "roster"
 
@@ -48,33 +49,17 @@ def attribute_reply(reply: Message, roster: Roster) -> tuple[str | None, str]:
     return claimed, ""
 
 
-class AttributingGrid(Grid):
+class AttributingGrid(ForwardingGrid):
     """A Grid whose replies are verified against a roster; unverifiable ones become error replies.
 
     ``refused`` lists ``{"node_id", "claimed", "reason"}`` for every reply turned away.
     """
 
     def __init__(self, grid: Grid, roster: Roster) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.roster = roster
         self.refused: list[dict[str, Any]] = []
         self._requests: dict[str, Message] = {}
-
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self) -> Iterable[Any]:
-        return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
