@@ -16,7 +16,7 @@ import torch
 from fedfusion.client.app import make_client_app
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.server.federation import FederationResult, load_checkpoint, run_federation
-from tests.secagg_fakes import LoopbackGrid
+from tests.secagg_fakes import LoopbackGrid, identity_config
 from tests.wdbc_views import write_wdbc_views
 
 SITES = {"A": set(), "B": set(), "C": {"worst"}}  # C: a hospital without the "worst" sequence
@@ -44,8 +44,9 @@ def _federate(study: tuple[dict[str, Path], Path], run_dir: Path, **extra: Any) 
                   "run-dir": str(run_dir), "local-epochs": 2, "local-batch-size": 16, "local-lr": 3e-3,
                   "fusion": "attention", "local-device": "cpu", "round-timeout": 120.0, "model-selection": "last",
                   **extra}
-    node_configs = {node: {"manifest": str(manifests[site]), "schema": str(schema_path), "site-id": site,
-                           "device": "cpu"} for node, site in zip(NODES, SITES, strict=True)}
+    # each site's own signing key and the federation roster: a secure round's sites trust only roster peers
+    node_configs = {node: {**identity_config(site), "manifest": str(manifests[site]), "schema": str(schema_path),
+                           "site-id": site, "device": "cpu"} for node, site in zip(NODES, SITES, strict=True)}
     grid = LoopbackGrid(make_client_app(run_config), list(NODES), node_configs=node_configs)
     torch.set_num_threads(1)
     return run_federation(grid, FederationConfig.from_run_config(run_config))  # type: ignore[arg-type]
