@@ -104,11 +104,11 @@ def _png(path: Path, bright: str) -> str:
 
 def _site(tmp_path: Path, rows: int = 8) -> Path:
     """A manifest whose case 2 lacks FLAIR, case 3 lacks T1 and case 5 lacks both."""
-    lines = ["case_id,label,age,t1_path,image_flair"]
+    lines = ["case_id,label,age,t1_path,image_flair,split"]  # every case in train: the dataset indexes all 8
     for i in range(rows):
         t1 = "" if i in (3, 5) else _png(tmp_path / "t1" / f"c{i}.png", "left")
         flair = "" if i in (2, 5) else _png(tmp_path / "flair" / f"c{i}.png", "top")
-        lines.append(f"C{i},{'low' if i % 2 else 'high'},{50 + i},{t1},{flair}")
+        lines.append(f"C{i},{'low' if i % 2 else 'high'},{50 + i},{t1},{flair},train")
     path = tmp_path / "manifest.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
