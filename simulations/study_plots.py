@@ -67,7 +67,8 @@ def plot_rounds(rounds: list[dict[str, Any]], summary: dict[str, dict[str, Any]]
         sd = np.nan_to_num(np.array([s[1] for s in stats]))
         (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=method)
         ax.fill_between(xs, mean - sd, mean + sd, color=line.get_color(), alpha=0.15)
-    for name, style in (("pooled", "--"), ("local-only", ":"), ("best local-only", "-.")):
+    for name, style in (("pooled", "--"), ("local-only", ":"), ("best local-only", "-."),
+                        ("best local-only (val-chosen)", (0, (1, 3)))):
         value = summary.get(name, {}).get(f"{metric}_mean", math.nan)
         if not math.isnan(value):
             ax.axhline(value, linestyle=style, color="grey", linewidth=1, label=name)
@@ -79,8 +80,11 @@ def plot_rounds(rounds: list[dict[str, Any]], summary: dict[str, dict[str, Any]]
     return _save(fig, path)
 
 
-def plot_sites(by_site: list[dict[str, Any]], methods: list[str], metric: str, path: Path) -> Path | None:
-    """Grouped bars: each site's metric per method, error bars = sd over seeds."""
+def plot_sites(by_site: list[dict[str, Any]], methods: list[str], metric: str, path: Path,
+               intervals: dict[tuple[str, str], tuple[float, float]] | None = None) -> Path | None:
+    """Grouped bars: each site's metric per method (mean over seeds). Error bars: the 95 % bootstrap
+    interval over test cases where ``intervals`` gives one for (method, site) -- how far a site's
+    number could move with other patients -- else sd over seeds; a bar with neither has none."""
     sites = sorted({r["site"] for r in by_site if r["method"] in methods})
     if not sites or not methods:
         return None
@@ -89,15 +93,50 @@ def plot_sites(by_site: list[dict[str, Any]], methods: list[str], metric: str, p
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(sites) * max(1, len(methods)) * 0.35 + 2), 4))
     for i, method in enumerate(methods):
         cells = [lookup.get((method, s), {}) for s in sites]
-        means = [c.get(f"{metric}_mean", math.nan) for c in cells]
-        sds = np.nan_to_num([c.get(f"{metric}_sd", math.nan) for c in cells])
-        ax.bar(np.arange(len(sites)) + (i - (len(methods) - 1) / 2) * width, means, width, yerr=sds, capsize=2,
+        means = np.array([c.get(f"{metric}_mean", math.nan) for c in cells], dtype=float)
+        if intervals is None:
+            yerr = np.nan_to_num([c.get(f"{metric}_sd", math.nan) for c in cells])
+        else:
+            bounds = np.array([intervals.get((method, s), (math.nan, math.nan)) for s in sites], dtype=float)
+            # clipped at 0: the interval is around the predictions' estimate, the bar is the reported mean
+            yerr = np.nan_to_num(np.clip([means - bounds[:, 0], bounds[:, 1] - means], 0, None))
+        ax.bar(np.arange(len(sites)) + (i - (len(methods) - 1) / 2) * width, means, width, yerr=yerr, capsize=2,
                label=method)
     ax.set_xticks(np.arange(len(sites)), sites, rotation=30)
     _chance(ax, metric)
-    ax.set(ylabel=metric, title=f"{metric} per site (test split; error bars: sd over seeds)")
+    bars = "95 % bootstrap CI over test cases" if intervals is not None else "sd over seeds"
+    ax.set(ylabel=metric, title=f"{metric} per site (test split; error bars: {bars})")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_vs_local(by_site: list[dict[str, Any]], methods: list[str], metric: str, path: Path,
+                  reference: str = "local-only") -> Path | None:
+    """One point per (method, site): x = the site's own ``reference`` (local-only) model, y = the
+    method on that site (both mean over seeds). Points above the diagonal are sites that gained by
+    joining; the plot shows who gains, which a mean over sites hides."""
+    lookup = {(r["method"], str(r["site"])): r.get(f"{metric}_mean", math.nan) for r in by_site}
+    sites = sorted({str(r["site"]) for r in by_site if r["method"] == reference})
+    points = {m: [(lookup[(reference, s)], lookup[(m, s)], s) for s in sites if (m, s) in lookup
+                  and math.isfinite(lookup[(reference, s)]) and math.isfinite(lookup[(m, s)])] for m in methods}
+    points = {m: p for m, p in points.items() if p}
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 5))
+    values = [v for p in points.values() for x, y, _ in p for v in (x, y)]
+    low, high = min(values), max(values)
+    pad = 0.05 * max(high - low, 0.05)
+    for method, pts in points.items():
+        ax.scatter([x for x, _, _ in pts], [y for _, y, _ in pts], label=method, s=28)
+        for x, y, site in pts:
+            ax.annotate(site, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([low - pad, high + pad], [low - pad, high + pad], "--", color="grey", linewidth=0.8, label="no change")
+    ax.set(xlim=(low - pad, high + pad), ylim=(low - pad, high + pad),
+           xlabel=f"{reference} {metric} (site's own model)", ylabel=f"method {metric} on that site",
+           title=f"per site: method vs {reference} (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedfusion.common.results import markdown_table, write_json, write_rows
+from fedfusion.simulations import study_statistics as stats
 from fedfusion.simulations.study_plots import (
     mean_sd,
     plot_calibration,
@@ -29,6 +30,7 @@ from fedfusion.simulations.study_plots import (
     plot_roc,
     plot_rounds,
     plot_sites,
+    plot_vs_local,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 
 #: Families whose methods make the main table and the curves.
 MAIN_FAMILIES = ("baseline", "best-local", "federated")
+#: Families compared with pooled / best local-only / each site's local-only, paired by seed.
+COMPARED_FAMILIES = ("federated", "personalised")
+FAIR_BEST_LOCAL = "best local-only (val-chosen)"
 SECONDARY = ("balanced_accuracy", "accuracy", "ece", "brier")
 _PLOTS = "plots"
 
@@ -57,19 +62,36 @@ def per_seed_means(rows: Sequence[dict[str, Any]], method: str, metric: str) -> 
     return {s: _site_mean(v) for s, v in sorted(seeds.items())}
 
 
+def _choose_local(rows: list[dict[str, Any]], key: str) -> str | None:
+    """The site k whose local model has the best mean over seeds of its mean over sites of ``key``."""
+    owners = sorted({str(r["model_site"]) for r in rows if r["family"] == "local-cross"})
+    score = {k: mean_sd(list(per_seed_means(rows, f"local model {k}", key).values()))[0] for k in owners}
+    ranked = [k for k in owners if not math.isnan(score[k])]
+    return max(ranked, key=lambda k: score[k]) if ranked else None
+
+
 def add_best_local(rows: list[dict[str, Any]], metric: str) -> str | None:
     """Append FLamby's *best local-only* rows: the copies of the site-k local model's rows on every
-    site, for the k whose model is best on the mean over seeds of its mean over sites. Returns k."""
-    owners = sorted({str(r["model_site"]) for r in rows if r["family"] == "local-cross"})
-    if not owners:
-        return None
-    score = {k: mean_sd(list(per_seed_means(rows, f"local model {k}", metric).values()))[0] for k in owners}
-    ranked = [k for k in owners if not math.isnan(score[k])]
-    if not ranked:
-        return None
-    best = max(ranked, key=lambda k: score[k])
-    rows += [{**r, "method": "best local-only", "family": "best-local"} for r in list(rows)
-             if r["method"] == f"local model {best}"]
+    site, for the k whose model is best on the mean over seeds of its mean over sites. Returns k.
+
+    Chosen on the same test scores it is then reported with, so it is *optimistic*: with many sites
+    the maximum of noisy test scores is biased upwards. :func:`add_fair_best_local` is the fair twin."""
+    best = _choose_local(rows, metric)
+    if best is not None:
+        rows += [{**r, "method": "best local-only", "family": "best-local", "chosen_on": "test"}
+                 for r in list(rows) if r["method"] == f"local model {best}"]
+    return best
+
+
+def add_fair_best_local(rows: list[dict[str, Any]], metric: str) -> str | None:
+    """Append *best local-only (val-chosen)* rows: as :func:`add_best_local`, but the site model is
+    chosen on its validation scores (``val_<metric>`` of the local-cross rows: every site's val split)
+    and then reported on test, as a study that may not peek at test would. None when the record has
+    no validation scores (a study run before they were recorded, or sites without val rows)."""
+    best = _choose_local(rows, f"val_{metric}")
+    if best is not None:
+        rows += [{**r, "method": FAIR_BEST_LOCAL, "family": "best-local", "chosen_on": "validation"}
+                 for r in list(rows) if r["method"] == f"local model {best}"]
     return best
 
 
@@ -201,6 +223,7 @@ def write_study_outputs(record: StudyRecord) -> Path:
     study, out, metric = record.study, record.out_dir, record.metric
     rows = record.rows
     best = add_best_local(rows, metric)
+    fair = add_fair_best_local(rows, metric)
     write_rows(out / "results.csv", rows)
     write_rows(out / "rounds.csv", record.rounds)
     summary = summarise(rows, metric)
@@ -208,15 +231,19 @@ def write_study_outputs(record: StudyRecord) -> Path:
     write_rows(out / "summary.csv", summary)
     write_rows(out / "summary_by_site.csv", by_site)
     lookup = {s["method"]: s for s in summary}
+    statistics = compute_statistics(record, summary, best, fair)
+    for name, table in (("site_counts", statistics["counts"]), ("intervals", statistics["interval_rows"]),
+                        ("paired_differences", statistics["paired"]), ("paired_by_site", statistics["paired_by_site"])):
+        write_rows(out / f"{name}.csv", table)
     fusion, bars = fusion_table(summary, rows, metric, record.modalities)
     write_json(out / "summary.json", {
         "study": study.name, "dataset": record.dataset_name, "partition": study.partition, "metric": metric,
         "seeds": list(study.seeds), "rounds": study.rounds, "local_epochs": study.local_epochs,
-        "fusion": study.fusion, "best_local_site": best,
+        "fusion": study.fusion, "best_local_site": best, "best_local_site_fair": fair,
         "methods": {s["method"]: {"family": s["family"], "mean": s[f"{metric}_mean"], "sd": s[f"{metric}_sd"],
                                   "n_seeds": s["n_seeds"], "per_seed": per_seed_means(rows, s["method"], metric)}
                     for s in summary},
-        "by_site": by_site, "fusion_vs_unimodal": fusion, "notes": record.notes,
+        "by_site": by_site, "fusion_vs_unimodal": fusion, "statistics": statistics["json"], "notes": record.notes,
         "failures": [{k: v for k, v in f.items() if k != "traceback"} for f in record.failures],
         "seconds": record.seconds})
     main = [s["method"] for s in summary if s["family"] in MAIN_FAMILIES]
@@ -238,11 +265,15 @@ def write_study_outputs(record: StudyRecord) -> Path:
     doc.p(f"Every number is a test-split **{metric}**. Per method: for each seed the mean over sites (each "
           "site's own test split), then mean ± sd over seeds (FLamby's convention). `pooled` trains one model on "
           "the union of the sites' training rows (what no hospital may do); `local-only` is each site's own model "
-          "on its own test split; `best local-only` is the single site model that is best on average over all "
-          f"sites' test splits{f' (site {best})' if best else ''}. Federated methods are scored by the sites on "
+          "on its own test split; `best local-only` is FLamby's single site model that is best on average over all "
+          f"sites' test splits{f' (site {best})' if best else ''} -- **optimistic**: chosen on the very test "
+          f"scores it is reported with; `{FAIR_BEST_LOCAL}` is the fair version, chosen on the sites' validation "
+          "splits" + (f" (site {fair})" if fair else " (not available: this record has no validation scores of "
+                      "the local models)") + ". Federated methods are scored by the sites on "
           "their test splits with the final global model.")
     doc.h(2, "Methods")
     doc.table(_method_table(summary, by_site, main, metric))
+    _statistics_section(doc, statistics, metric)
     secondary = [s for s in summary if s["method"] in main and any(f"{k}_mean" in s for k in SECONDARY)]
     if secondary:
         doc.h(3, "Other metrics (mean ± sd over seeds)")
@@ -250,7 +281,10 @@ def write_study_outputs(record: StudyRecord) -> Path:
                                               if f"{k}_mean" in s}} for s in secondary])
     doc.image(plot_rounds(record.rounds, lookup, metric, plots / f"rounds_{metric}.png"),
               f"{metric} per round, mean over sites (band: ± sd over seeds)")
-    doc.image(plot_sites(by_site, main, metric, plots / f"sites_{metric}.png"), f"{metric} per site and method")
+    doc.image(plot_sites(by_site, main, metric, plots / f"sites_{metric}.png", statistics["bars"]),
+              f"{metric} per site and method (error bars: 95 % bootstrap CI over test cases, where recorded)")
+    doc.image(plot_vs_local(by_site, statistics["compared"], metric, plots / f"vs_local_{metric}.png"),
+              f"per site: each federated method vs the site's own local-only model ({metric}, mean over seeds)")
     if record.task in ("classification", "both"):
         doc.image(plot_roc(record.predictions, curves, plots / "roc.png"), "ROC curves")
         doc.image(plot_calibration(record.predictions, curves, plots / "calibration.png"), "calibration curves")
@@ -293,11 +327,88 @@ def write_study_outputs(record: StudyRecord) -> Path:
         doc.table([{"seed": f["seed"], "step": f["step"], "error": f["error"]} for f in record.failures])
     doc.h(2, "Files")
     doc.p("`results.csv` (one row per seed × method × site), `summary.csv` / `summary.json` (per method), "
-          "`summary_by_site.csv`, `rounds.csv` (per seed, method and round), `plots/`, `runs/seed-N/` (data and "
+          "`summary_by_site.csv`, `site_counts.csv`, `intervals.csv` (bootstrap CIs), `paired_differences.csv` and "
+          "`paired_by_site.csv`, `rounds.csv` (per seed, method and round), `plots/`, `runs/seed-N/` (data and "
           "federated run folders; `fedfusion explain runs/seed-N/<method>` explains a global model).")
     (out / "report.md").write_text(doc.markdown())
     (out / "report.html").write_text(doc.html(f"fedfusion study: {study.name}"))
     return out / "report.md"
+
+
+def compute_statistics(record: StudyRecord, summary: list[dict[str, Any]], best: str | None, fair: str | None,
+                       resamples: int = stats.RESAMPLES) -> dict[str, Any]:
+    """Test counts, bootstrap intervals and paired differences of a study (module
+    :mod:`~fedfusion.simulations.study_statistics`), as tables, plot inputs and JSON.
+
+    The best local-only rows are copies of one site model's rows, so their per-case predictions are
+    that model's (``local model <site>``); a record without them gets no interval."""
+    rows, metric = record.rows, record.metric
+    preds = dict(record.predictions)
+    for name, site in (("best local-only", best), (FAIR_BEST_LOCAL, fair)):
+        if site is not None and preds.get(f"local model {site}"):
+            preds[name] = preds[f"local model {site}"]
+    methods = [s["method"] for s in summary if s["family"] != "local-cross"]
+    cache: dict[int, dict[str, Any]] = {}  # best local-only shares its predictions with a local model
+    intervals: dict[str, dict[str, Any] | None] = {}
+    for m in methods:
+        found = preds.get(m)
+        if found and id(found) not in cache:
+            cache[id(found)] = stats.bootstrap_intervals(found, metric, resamples=resamples)
+        intervals[m] = cache[id(found)] if found else None
+    sites = sorted({str(r["site"]) for r in rows if r["method"] in methods})
+    compared = [s["method"] for s in summary if s["family"] in COMPARED_FAMILIES]
+    references = (("pooled", "pooled"),
+                  (FAIR_BEST_LOCAL, "best local-only (fair: chosen on validation)"),
+                  ("best local-only", "best local-only (optimistic: chosen on test)"),
+                  ("local-only", "local-only (each site's own model), mean over sites"))
+    paired = stats.paired_rows(compared, references, lambda m: per_seed_means(rows, m, metric))
+    by_site_paired = stats.paired_by_site(rows, compared, metric)
+    interval_rows = []
+    for method, found in intervals.items():
+        if found is None:
+            interval_rows.append({"method": method, "site": "", "estimate": math.nan, "ci_low": math.nan,
+                                  "ci_high": math.nan, "resamples": 0, "note": stats.NOT_RECORDED})
+            continue
+        for site, (estimate, low, high) in [*found["sites"].items(), ("mean over sites", found["mean"])]:
+            interval_rows.append({"method": method, "site": site, "estimate": estimate, "ci_low": low,
+                                  "ci_high": high, "resamples": resamples, "note": ""})
+    counts = stats.site_counts(rows)
+    return {
+        "counts": counts, "methods": methods, "sites": sites, "intervals": intervals,
+        "interval_rows": interval_rows, "paired": paired, "paired_by_site": by_site_paired, "compared": compared,
+        "best": best, "fair": fair,
+        "bars": {(m, site): (iv[1], iv[2]) for m, found in intervals.items() if found
+                 for site, iv in found["sites"].items()},
+        "json": {"site_counts": counts, "intervals": interval_rows, "paired_differences": paired,
+                 "paired_by_site": by_site_paired, "level": stats.LEVEL, "resamples": resamples},
+    }
+
+
+def _statistics_section(doc: _Doc, statistics: dict[str, Any], metric: str) -> None:
+    if statistics["counts"]:
+        doc.h(3, "Test sets per site")
+        doc.p("Cases in each site's test split and the events (survival) or positives (classification) its "
+              f"{metric} rests on; `a–b` when the seed draws the split. A C-index from 10 events or an AUC from 8 "
+              "positives moves by ±0.1 between equally good models.")
+        doc.table(statistics["counts"])
+    doc.h(3, "95 % bootstrap intervals (test-case sampling)")
+    doc.p(f"Percentile bootstrap, {statistics['json']['resamples']} resamples of each (seed, site) test split, "
+          "seeded; every method sees the same resampled patients. Each resample recomputes the reported number "
+          "(a site: mean over seeds; the mean over sites: FLamby's). The interval covers which patients happened "
+          "to be tested, not seed-to-seed spread (the ± sd above). Estimates come from the stored per-case "
+          "predictions; a method without them says so.")
+    doc.table(stats.interval_table(statistics["methods"], statistics["intervals"], statistics["sites"], metric))
+    if statistics["paired"]:
+        doc.h(3, "Paired differences over seeds")
+        doc.p("Method − reference, per seed on FLamby's number (mean over sites), then the mean over seeds with a "
+              "Student-t 95 % interval over seeds and the number of seeds in which the method is better. "
+              "`best local-only (optimistic)` was chosen on the test scores it is compared on, so a Δ against it "
+              "understates the method; the fair one was chosen on validation.")
+        doc.table(stats.paired_report_rows(statistics["paired"]))
+    if statistics["paired_by_site"]:
+        doc.h(3, "Per site: vs that site's own local-only model")
+        doc.p("Would joining have beaten training alone at this site? Δ paired by seed on the site's test split.")
+        doc.table(stats.paired_report_rows(statistics["paired_by_site"], key="site"))
 
 
 def _method_table(summary: list[dict[str, Any]], by_site: list[dict[str, Any]], methods: list[str],

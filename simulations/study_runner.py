@@ -32,6 +32,7 @@ from fedfusion.common.config import Schema, load_schema
 from fedfusion.common.data import MultimodalDataset, Preprocessor
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.manifest import Manifest, ManifestError, load_manifest
+from fedfusion.common.personalization import Personalization, personal_view
 from fedfusion.common.training import (
     LossFunction,
     Predictions,
@@ -51,6 +52,7 @@ from fedfusion.simulations.simulate import (
     run_simulated_federation,
     score_site,
 )
+from fedfusion.simulations.study_statistics import case_counts
 
 log = logging.getLogger("fedfusion.experiment")
 
@@ -102,6 +104,8 @@ class SeedRun:
             row["n_test"] = row.pop("num-examples")
         elif pred is not None:
             row["n_test"] = float(_length(pred))
+        if pred is not None:
+            row.update(case_counts(pred))  # events / positives: what a site's metric rests on
         row.setdefault(self.metric, math.nan)
         self.record.rows.append(row)
         if pred is not None:
@@ -177,8 +181,12 @@ class SeedRun:
                 pred = score_site(local.model, local.preprocessor, manifest, self.study.device)
                 if site == owner:
                     self.add("local-only", "baseline", site, metrics_from(pred), self.schema.modalities, pred)
+                # the validation score lets the report choose a *fair* best local-only (not on test)
+                val = (metrics_from(score_site(local.model, local.preprocessor, manifest, self.study.device,
+                                               split="val")).get(self.metric, math.nan)
+                       if len(manifest.rows("val")) else math.nan)
                 self.add(f"local model {owner}", "local-cross", site, metrics_from(pred), self.schema.modalities,
-                         model_site=owner)
+                         pred, model_site=owner, **{f"val_{self.metric}": float(val)})
 
     # -- federated
 
@@ -220,7 +228,14 @@ class SeedRun:
         result, run_dir = self.federate(method, method.name, self.schema_path, self.sites)
         self.add_rounds(method.name, result)
         model = _load_model(run_dir / "model.pt")
+        personal = Personalization.from_run_config({**self.study.run_config, **method.overrides})
         for site, metrics in _final_metrics(result).items():
+            if personal.finetune_epochs or personal.private_parts:
+                # scored as each site's own model (its fine-tuned copy / its private head); model.pt is
+                # not that model, so no predictions or test-time ablation from it
+                row = personal_view(metrics, self.metric) if personal.finetune_epochs else metrics
+                self.add(method.name, "federated", site, row, self.schema.modalities)
+                continue
             manifest = self.manifests[site]
             pre = Preprocessor.fit(manifest)  # what the site itself standardises with
             pred = score_site(model, pre, manifest, self.study.device)

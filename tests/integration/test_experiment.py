@@ -69,9 +69,13 @@ def test_a_tiny_study_writes_consistent_results_and_reports(tmp_path: Path) -> N
     report, page = (out / "report.md").read_text(), (out / "report.html").read_text()
     for method in methods:
         assert f"| {method} |" in report and f"<td>{method}</td>" in page
-    for plot in ("rounds_c_index.png", "sites_c_index.png", "km.png"):
+    for plot in ("rounds_c_index.png", "sites_c_index.png", "vs_local_c_index.png", "km.png"):
         assert (out / "plots" / plot).stat().st_size > 1000 and f"plots/{plot}" in report
-    assert page.count('src="data:image/png;base64,') == 3  # self-contained: nothing fetched when opened
+    assert page.count('src="data:image/png;base64,') == 4  # self-contained: nothing fetched when opened
+    assert "no per-case predictions recorded" not in report.split("### Paired")[0]  # every main method has them
+    fair = [r for r in rows if r["method"] == "best local-only (val-chosen)"]
+    assert len(fair) == 2 * 3 and any(not math.isnan(float(r["val_c_index"])) for r in fair)  # chosen on val
+    assert {r["site"] for r in _read(out / "site_counts.csv")} == {r["site"] for r in rows}
     assert "<script" not in page and "<link" not in page and 'src="http' not in page
 
     # The sites' own numbers are reproducible from the saved global model (what `explain` loads).
