@@ -5,7 +5,9 @@ for ``fedfusion run``, as a ServerApp failure minutes later on the coordinator).
 the flag, the bad value, every valid choice and the closest one. The registries are the truth
 (``fedfusion.simulations.datasets.list_datasets``, ``fedfusion.common.models``' fusion and backbone
 registries), imported only when the parsed command carries such a flag, so ``fedfusion --help`` and
-``site check`` stay fast.
+``site check`` stay fast. The registries load installed plug-ins (``fedfusion.models`` and
+``fedfusion.datasets`` entry points, docs/plugins.md) before answering, so plug-in names are valid
+choices; a plug-in that failed to load is named after the choices, since the name asked for may be its.
 
 Parse errors are one line too (:class:`OneLineParser`): argparse's default prints the whole usage of
 a sub-command with 40 flags above the error, burying it.
@@ -42,36 +44,39 @@ def choice_error(flag: str, value: str, choices: Sequence[str]) -> str:
 
 
 def _dataset_problem(flag: str, value: str) -> str | None:
-    from fedfusion.simulations.datasets import list_datasets
+    from fedfusion.common.plugins import DATASETS_GROUP, failure_note
+    from fedfusion.simulations.datasets import dataset_names
 
-    names = [info.name for info in list_datasets()]
+    names = dataset_names()
     if value in names:
         return None
     if "/" in value or "\\" in value or Path(value).exists():
         return (f"{flag} takes the name of a shipped data set ({', '.join(names)}), not a path; for your own "
                 f"per-site folders use --sites-dir {value}")
-    return choice_error(flag, value, names)
+    return choice_error(flag, value, names) + failure_note(DATASETS_GROUP)
 
 
 def _fusion_problem(value: str) -> str | None:
     from fedfusion.common.models import list_fusions
+    from fedfusion.common.models.registry import unknown_note
 
     names = list_fusions()
-    return None if value in names else choice_error("--fusion", value, names)
+    return None if value in names else choice_error("--fusion", value, names) + unknown_note()
 
 
 def _backbone_problem(value: str) -> str | None:
     from fedfusion.common.models import list_image_backbones
+    from fedfusion.common.models.registry import unknown_note
 
     names = list_image_backbones()
     if value in names or value.startswith("timm:"):
         return None
-    return choice_error("--backbone", value, [*names, "timm:<any timm model>"])
+    return choice_error("--backbone", value, [*names, "timm:<any timm model>"]) + unknown_note()
 
 
 def check_choices(args: argparse.Namespace) -> str | None:
     """The first registry name in ``args`` that does not exist, as one line; None when all are valid."""
-    if getattr(args, "command", None) == "datasets" and getattr(args, "datasets_command", None) == "build":
+    if getattr(args, "command", None) == "datasets" and getattr(args, "datasets_command", None) in ("build", "export"):
         return _dataset_problem("data set name", args.name)
     if getattr(args, "dataset", None) is not None:
         problem = _dataset_problem("--dataset", str(args.dataset))
@@ -86,15 +91,44 @@ def check_choices(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _dataset_choices() -> list[str]:
+    from fedfusion.simulations.datasets import list_datasets
+
+    return [info.name for info in list_datasets()]
+
+
+def _fusion_choices() -> list[str]:
+    from fedfusion.common.models import list_fusions
+
+    return list(list_fusions())
+
+
+def _backbone_choices() -> list[str]:
+    from fedfusion.common.models import list_image_backbones
+
+    return [*list_image_backbones(), "timm:<any timm model>"]
+
+
+# Options whose valid values live in a registry (plug-ins included), not in argparse ``choices``: their help
+# lists the registry's names, read only when that help is printed (the fusion registry imports torch).
+HELP_CHOICES = {"--dataset": _dataset_choices, "--fusion": _fusion_choices, "--backbone": _backbone_choices}
+
+
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Help that shows each option's default, except where there is none to show (None/False) or the
-    help text already explains it."""
+    help text already explains it, and the registry's names for the options in :data:`HELP_CHOICES`."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
                 or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+            text = action.help
+        else:
+            text = super()._get_help_string(action)
+        names = next((HELP_CHOICES[o] for o in action.option_strings if o in HELP_CHOICES), None)
+        if names is not None and text != argparse.SUPPRESS:
+            listed = ", ".join(names()).replace("%", "%%")
+            text = f"{text} (choices: {listed})" if text else f"choices: {listed}"
+        return text
 
 
 class OneLineParser(argparse.ArgumentParser):

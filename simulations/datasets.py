@@ -45,6 +45,12 @@ Per-data-set decisions (also in each :class:`DatasetInfo` description):
   AFTER L (time - L, event). The source is SurvSet's counting-process table (pid, time, time2,
   event; one row per measurement at ``time``); a patient's follow-up is the last ``time2`` and the
   event sits on the last row.
+
+Plug-ins (docs/plugins.md) add data sets without editing this file: a module named by a
+``fedfusion.datasets`` entry point calls :func:`register_dataset` with a :class:`DatasetInfo` and a
+builder (the builder contract is in :func:`register_dataset`). Listing and building load those
+plug-ins once per process (:mod:`fedfusion.common.plugins`), so ``datasets list/build/export`` and
+``simulate --dataset`` accept their names.
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedfusion.common import plugins
 from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema, VisitSpec
 from fedfusion.common.longitudinal import to_long_format
 from fedfusion.common.progress import StepCallback, report
@@ -193,8 +200,14 @@ DATASETS: dict[str, DatasetInfo] = {
 
 
 def list_datasets() -> list[DatasetInfo]:
-    """Every registered data set, in registration order."""
+    """Every registered data set (shipped ones first, then plug-ins'), in registration order."""
+    plugins.load_plugins(plugins.DATASETS_GROUP)
     return list(DATASETS.values())
+
+
+def dataset_names() -> list[str]:
+    """Names of every registered data set (plug-ins included), in registration order."""
+    return [info.name for info in list_datasets()]
 
 
 # --------------------------------------------------------------------------- splits
@@ -239,11 +252,23 @@ def _categorical(values: pd.Series, mapping: dict[object, str]) -> pd.Series:
 
 
 @dataclass
-class _Built:
+class BuiltDataset:
+    """What a data set builder returns; :func:`build_dataset` adds the split and writes the files.
+
+    ``frame``: one row per patient, no ``split`` column (splits are drawn here, seeded), a ``site``
+    column only when the data has real sites (then ``schema.site_column == "site"``); ``images``:
+    ``images(out_dir, seed)`` writes the files the frame's ``image`` column names (relative to
+    ``out_dir``); ``visits``: long-format data sets' per-visit rows (``case_id``, the visit time,
+    ``schema.visits.columns``).
+    """
+
     frame: pd.DataFrame  # manifest without split (and with 'site' only if real)
     schema: Schema
     images: Callable[[Path, int], None] | None = None  # writes images into out_dir given seed
     visits: pd.DataFrame | None = None  # long-format data sets: case_id, visit time, per-visit columns
+
+
+_Built = BuiltDataset  # the shipped builders' short name
 
 
 def _ovarian() -> _Built:
@@ -494,6 +519,56 @@ _BUILDERS: dict[str, Callable[[], _Built]] = {
 }
 
 
+plugins.track("data set", lambda: DATASETS)  # after the shipped names: plug-ins' additions are reported
+
+
+def register_dataset(info: DatasetInfo, builder: Callable[[], BuiltDataset]) -> None:
+    """Add data set ``info.name`` (a plug-in's entry point module calls this when imported).
+
+    The builder takes no arguments, reads data that is already on the machine (nothing may be
+    downloaded) and returns a :class:`BuiltDataset` whose ``schema.name`` is ``info.name`` and whose
+    ``schema.task`` is ``info.task``; ``info.natural_site`` is set exactly when the frame has a
+    ``site`` column. It is called on every build, so it should be quick and deterministic (the split
+    and rendered detail take the build's seed). The frame must meet the rules every shipped data set
+    meets (unique ``case_id``, time > 0, categories within the schema's, no reserved column names):
+    they are checked before anything is written.
+
+    The same name twice is refused, as in the model registry (two packages fighting over a name would
+    make runs irreproducible); registering the same info and builder again is a no-op.
+    """
+    if not isinstance(info, DatasetInfo) or not info.name or not isinstance(info.name, str):
+        raise ValueError(f"register_dataset needs a DatasetInfo with a non-empty name, got {info!r}")
+    if not callable(builder):
+        raise ValueError(f"data set '{info.name}': the builder must be callable, got {builder!r}")
+    if info.name in DATASETS:
+        if DATASETS[info.name] == info and _BUILDERS.get(info.name) is builder:
+            return
+        owner = getattr(_BUILDERS.get(info.name), "__module__", "?")
+        raise ValueError(f"data set '{info.name}' is already registered (by {owner})")
+    DATASETS[info.name] = info
+    _BUILDERS[info.name] = builder
+
+
+def _builder(name: str) -> Callable[[], BuiltDataset]:
+    """The builder of ``name`` (plug-ins loaded), or a one-line :class:`DatasetError` listing the names."""
+    plugins.load_plugins(plugins.DATASETS_GROUP)
+    if name not in _BUILDERS:
+        raise DatasetError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}"
+                           f"{plugins.failure_note(plugins.DATASETS_GROUP)}")
+    return _BUILDERS[name]
+
+
+def _run_builder(name: str) -> BuiltDataset:
+    built = _builder(name)()
+    if not isinstance(built, BuiltDataset):
+        raise DatasetError(f"data set '{name}': its builder returned {type(built).__name__}, expected a BuiltDataset")
+    if built.schema.name != name:
+        raise DatasetError(f"data set '{name}': its builder returned schema '{built.schema.name}'; the names "
+                           "must match (runs and reports are labelled by the schema)")
+    _check(built)
+    return built
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -525,10 +600,7 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 def source_table(name: str) -> tuple[pd.DataFrame, Schema, bool]:
     """Data set ``name`` as one row per patient (``case_id``, ``site`` when real, targets, features; no
     split), its schema, and whether it has images or visits (files/rows a plain CSV export cannot hold)."""
-    if name not in _BUILDERS:
-        raise DatasetError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}")
-    built = _BUILDERS[name]()
-    _check(built)
+    built = _run_builder(name)
     return built.frame, built.schema, built.images is not None or built.visits is not None
 
 
@@ -537,12 +609,10 @@ def build_dataset(name: str, out_dir: str | Path, seed: int = 0, on_step: StepCa
     ``out_dir`` and return the schema path. Re-running overwrites; the same seed gives identical
     files, another seed another split (and, for rendered images, other random detail).
     ``on_step`` hears each stage (reading, rendering images, writing): a build takes seconds."""
-    if name not in _BUILDERS:
-        raise DatasetError(f"unknown data set '{name}'; available: {', '.join(DATASETS)}")
+    _builder(name)  # an unknown name fails before anything is reported
     out_dir = Path(out_dir)
     report(on_step, f"reading {name} from its package")
-    built = _BUILDERS[name]()
-    _check(built)
+    built = _run_builder(name)
     frame, schema = built.frame, built.schema
     site = frame["site"] if schema.site_column else pd.Series("all", index=frame.index)
     strata = frame["label"] if schema.has_classification else frame["event"]

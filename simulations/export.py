@@ -17,8 +17,8 @@ from fedfusion.simulations.datasets import DATASETS, DatasetError, source_table
 
 def export_sites(name: str, out_dir: Path) -> dict[str, Path]:
     """Write ``out_dir/<site>.csv`` per natural site; return site -> file."""
+    frame, schema, has_files = source_table(name)  # first: it loads data set plug-ins, then DATASETS has them
     info = DATASETS.get(name)
-    frame, schema, has_files = source_table(name)
     if info is None or info.site_column is None or "site" not in frame.columns:
         raise DatasetError(f"data set '{name}' has no natural sites to export; choose one of "
                            f"{sorted(n for n, i in DATASETS.items() if i.site_column)}")

@@ -5,12 +5,20 @@ names up here and nowhere else, and the tests loop over :func:`list_fusions` and
 :func:`list_image_backbones`, so a newly registered fusion or backbone is tested the moment it
 exists. Registering the same name twice is an error (two modules silently fighting over a name
 would make runs irreproducible).
+
+Other distributions register here too, through the ``fedfusion.models`` entry point group
+(:mod:`fedfusion.common.plugins`, docs/plugins.md): every list and look-up below first loads those
+plug-ins (once per process), so ``create_model`` in the ServerApp, in each ClientApp process and in
+simulation workers sees them with no start-up hook. Registering never loads plug-ins (a plug-in
+registers while it is being loaded).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TypeVar
+
+from fedfusion.common import plugins
 
 F = TypeVar("F", bound=Callable)
 
@@ -21,6 +29,28 @@ _HEADS: dict[str, Callable] = {}
 
 #: Prefix of image backbone names that build any timm model by its timm name (``timm:regnetx_002``).
 TIMM_PREFIX = "timm:"
+
+
+_TRACKED: list[bool] = []  # non-empty once the tables are announced to the plug-in loader
+
+
+def _with_plugins() -> None:
+    """Load the ``fedfusion.models`` plug-ins once; called by every list and look-up.
+
+    The tables are announced on the first call, not at import, so the built-in names (registered as
+    ``fedfusion.common.models`` is imported) are the baseline a plug-in's additions are measured against.
+    """
+    if not _TRACKED:
+        _TRACKED.append(True)
+        plugins.track("fusion", lambda: _FUSIONS)
+        plugins.track("image backbone", lambda: _IMAGE_BACKBONES)
+        plugins.track("head", lambda: _HEADS)
+    plugins.load_plugins(plugins.MODELS_GROUP)
+
+
+def unknown_note() -> str:
+    """Appended to an "unknown name" error: the ``fedfusion.models`` plug-ins that failed to load."""
+    return plugins.failure_note(plugins.MODELS_GROUP)
 
 
 def _register(table: dict[str, Callable], kind: str, name: str) -> Callable[[F], F]:
@@ -37,10 +67,11 @@ def _register(table: dict[str, Callable], kind: str, name: str) -> Callable[[F],
 
 
 def _lookup(table: dict[str, Callable], kind: str, name: str) -> Callable:
+    _with_plugins()
     try:
         return table[name]
     except KeyError:
-        raise ValueError(f"unknown {kind} '{name}'; registered: {sorted(table)}") from None
+        raise ValueError(f"unknown {kind} '{name}'; registered: {sorted(table)}{unknown_note()}") from None
 
 
 def register_fusion(name: str) -> Callable[[F], F]:
@@ -81,7 +112,8 @@ def register_head(name: str) -> Callable[[F], F]:
 
 
 def list_fusions() -> list[str]:
-    """Registered fusion names, sorted."""
+    """Registered fusion names (built-in and plug-in), sorted."""
+    _with_plugins()
     return sorted(_FUSIONS)
 
 
@@ -90,11 +122,13 @@ def list_image_backbones(volumetric: bool | None = None) -> list[str]:
 
     Any timm model (2-D) is also reachable as ``timm:<name>``.
     """
+    _with_plugins()
     return sorted(n for n in _IMAGE_BACKBONES if volumetric is None or (n in _VOLUMETRIC) == volumetric)
 
 
 def list_heads() -> list[str]:
     """Registered head names (one per task), sorted."""
+    _with_plugins()
     return sorted(_HEADS)
 
 
