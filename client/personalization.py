@@ -1,0 +1,232 @@
+"""The site's side of personalisation: its private parameter groups, kept on disk, and local fine-tuning.
+
+Private parts (``private-parts``, FedPer-style; :mod:`fedfusion.common.personalization`): after every
+train round the site writes the private groups' tensors to a file in its state folder (the folder of its
+privacy ledger: beside the manifest in deployment, ``data-dir`` in a simulation) and loads them over the
+delivered global model before the next round trains and before every evaluation. Why a file and not only
+Flower's ``context.state``: ``context.state`` belongs to one Flower run, and a resumed run
+(``fedfusion run --resume``, a re-started simulation) is a new run whose sites would otherwise start
+from the server's never-trained private groups; the file makes a resumed run continue exactly.
+
+The file is keyed by site, study and the run config's resume-neutral hash, and holds the private part
+*per round* (the newest :data:`KEEP_ROUNDS`): round ``r`` trains from the newest entry before ``r`` and
+evaluates with the newest up to ``r``. A coordinator that crashed after this site trained round ``r`` but
+before checkpointing it asks for round ``r`` again; the entry of the lost attempt is then ignored and
+overwritten, so the retried round starts exactly where the first attempt did.
+
+Fine-tuning (``personal-finetune-epochs``, FedAvg+FT): :func:`fine_tune` trains a *copy* of the model
+the site evaluates; nothing of it is kept or sent, only its test metrics (``personal_*``) leave, under
+the same release rule as every evaluation metric (:mod:`fedfusion.client.eval_release`). With sample-level
+DP those metrics are, like all evaluation metrics, outside the training ε (the fine-tuning itself is not
+DP-SGD: its model never leaves the site).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+
+from fedfusion.client.runtime import SiteRuntime, round_schedule, site_policy, study_name
+from fedfusion.common.config import TrainConfig
+from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.personalization import PERSONAL_EPOCHS_KEY, PERSONAL_PREFIX, private_part, shared_part
+from fedfusion.common.records import NUM_EXAMPLES, VAL_COUNT_KEY, VAL_PREFIX, model_to_arrays
+from fedfusion.common.training import (
+    LossFunction,
+    class_weights_for,
+    make_loader,
+    make_optimizer,
+    metrics_from,
+    predict,
+    primary_metric,
+    seed_everything,
+    train_epochs,
+)
+
+log = logging.getLogger("fedfusion.client.personalization")
+
+#: Rounds of private parts kept per file: a resume repeats at most the round after the last checkpoint.
+KEEP_ROUNDS = 3
+_ROUND_KEY = re.compile(r"^r(\d{6})/(.+)$")
+
+
+class PrivatePartStore:
+    """The private groups of one site in one study/run configuration, per round, in one ``.npz`` file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @classmethod
+    def in_folder(cls, folder: str | Path, site_id: str, study: str, config_hash: str) -> PrivatePartStore:
+        """The store of ``site_id`` for a study and run configuration, in the site's state folder."""
+        digest = hashlib.sha256(f"{site_id}\0{study}\0{config_hash}".encode()).hexdigest()[:16]
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", site_id)[:40]
+        return cls(Path(folder) / "personal-state" / f"{safe}-{digest}.npz")
+
+    def _read(self) -> dict[int, dict[str, np.ndarray]]:
+        if not self.path.is_file():
+            return {}
+        out: dict[int, dict[str, np.ndarray]] = {}
+        with np.load(self.path, allow_pickle=False) as data:
+            for key in data.files:
+                match = _ROUND_KEY.match(key)
+                if match is None:
+                    raise ValueError(f"{self.path}: unexpected entry {key!r}; delete the file to start the private "
+                                     "parts afresh")
+                out.setdefault(int(match.group(1)), {})[match.group(2)] = data[key]
+        return out
+
+    def rounds(self) -> list[int]:
+        return sorted(self._read())
+
+    def latest(self, *, before: int | None = None, upto: int | None = None) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The newest stored round ``< before`` (or ``<= upto``) and its tensors; None when there is none."""
+        limit = (before - 1) if before is not None else upto
+        found = {r: v for r, v in self._read().items() if limit is None or r <= limit}
+        if not found:
+            return None
+        newest = max(found)
+        return newest, found[newest]
+
+    def save(self, server_round: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Store round ``server_round``'s private tensors (replacing an earlier attempt of it), atomically."""
+        stored = {r: v for r, v in self._read().items() if r != server_round}
+        stored[server_round] = {k: np.asarray(v) for k, v in arrays.items()}
+        kept = sorted(stored)[-KEEP_ROUNDS:]
+        flat = {f"r{r:06d}/{name}": value for r in kept for name, value in stored[r].items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("wb") as handle:
+            np.savez(handle, **flat)  # type: ignore[arg-type]  # numpy stubs read **kwds as allow_pickle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+
+
+def load_private(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Put the site's stored private tensors into ``model`` (in place); every key must exist with its shape."""
+    state = model.state_dict()
+    wrong = sorted(k for k, v in arrays.items() if k not in state or tuple(state[k].shape) != tuple(v.shape))
+    if wrong:
+        raise ValueError(f"the stored private parts do not fit the run's model ({wrong[:5]}); the run's model "
+                         "changed under the same settings: delete the site's personal-state file")
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=False)
+
+
+def keep_private(model: torch.nn.Module, parts: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The model's private tensors, as numpy copies (what the store keeps)."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in private_part(model.state_dict(), parts).items()}
+
+
+def _val_score(model: torch.nn.Module, site: SiteRuntime, loss_fn: LossFunction) -> tuple[float, float]:
+    """(primary metric, -loss) on the validation split: higher is better, ties go to the lower loss."""
+    assert site.val_set is not None
+    val = metrics_from(predict(model, make_loader(site.val_set, 256, shuffle=False), loss_fn, site.device))
+    metric = val.get(primary_metric(site.schema), math.nan)
+    return (metric if math.isfinite(metric) else -math.inf), -float(val.get("loss", math.inf))
+
+
+def fine_tune(model: torch.nn.Module, site: SiteRuntime, cfg: TrainConfig, max_epochs: int,
+              server_round: int) -> tuple[torch.nn.Module, int]:
+    """A fine-tuned COPY of ``model`` and the epoch count (0..max_epochs) the validation split chose.
+
+    Epoch by epoch on the site's train split, seeded by (seed, round, site) like a train round, at the
+    round's learning rate; after each epoch the validation split is scored and the best state kept (epoch 0,
+    the model as delivered, included). Without a validation split every epoch is used: there is nothing
+    to choose on, and choosing on test would bias the reported metrics.
+    """
+    tuned = copy.deepcopy(model)
+    seed_everything(cfg.seed * 1_000_003 + server_round * 1_009 + site.seed_offset + 7)
+    weights = None
+    if site.schema.has_classification and cfg.class_weighted:
+        weights = class_weights_for(site.train_set.labels, site.schema.num_classes)
+    loss_fn = LossFunction(site.schema, weights)
+    plain_loss = LossFunction(site.schema)
+    loader = make_loader(site.train_set, cfg.batch_size, shuffle=True,
+                         seed=cfg.seed + server_round * 7919 + site.seed_offset + 1)
+    optimizer = make_optimizer(tuned, cfg, **round_schedule(cfg, server_round))
+    has_val = site.val_set is not None and len(site.val_set) > 0
+    best_epochs, best_state = 0, None
+    best_score = _val_score(tuned, site, plain_loss) if has_val else None
+    for epoch in range(1, max_epochs + 1):
+        train_epochs(tuned, loader, optimizer, loss_fn, 1, site.device, start_epoch=epoch - 1)
+        if not has_val:
+            best_epochs = epoch
+            continue
+        score = _val_score(tuned, site, plain_loss)
+        if best_score is None or score > best_score:
+            best_score, best_epochs = score, epoch
+            best_state = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
+    if has_val:
+        if best_state is None:  # no epoch beat the delivered model on validation
+            tuned = copy.deepcopy(model)
+        else:
+            tuned.load_state_dict(best_state)
+    tuned.to("cpu")
+    return tuned, best_epochs
+
+
+def personal_metrics(metrics: Mapping[str, float], epochs: int) -> dict[str, float]:
+    """The fine-tuned model's test metrics as ``personal_*`` keys (counts and validation scores left out:
+    the counts equal the global model's, and the validation split chose the epochs, so its scores are biased)."""
+    out = {f"{PERSONAL_PREFIX}{k}": float(v) for k, v in metrics.items()
+           if k not in (NUM_EXAMPLES, VAL_COUNT_KEY, "n", "events") and not k.startswith(VAL_PREFIX)}
+    out[PERSONAL_EPOCHS_KEY] = float(epochs)
+    return out
+
+
+class SitePersonalization:
+    """What the ClientApp's handlers call: the run's personalisation settings bound to one site's store."""
+
+    def __init__(self, cfg: FederationConfig, site: SiteRuntime, store: PrivatePartStore | None):
+        self.cfg, self.site, self.store = cfg, site, store
+        self.parts = cfg.personal.private_parts
+
+    @classmethod
+    def for_site(cls, cfg: FederationConfig, site: SiteRuntime, node_config: Mapping[str, Any],
+                 run_config: Mapping[str, Any]) -> SitePersonalization:
+        """The site's store lives in its state folder: the folder of its privacy ledger."""
+        store = None
+        if cfg.personal.private_parts:
+            folder = Path(site_policy(node_config, run_config, site.site_id).ledger).parent
+            store = PrivatePartStore.in_folder(folder, site.site_id, study_name(cfg, site.schema), cfg.config_hash())
+        return cls(cfg, site, store)
+
+    def before_training(self, model: torch.nn.Module, server_round: int) -> None:
+        """Round ``server_round`` trains from this site's private part of the previous round it trained."""
+        if self.store is not None and (found := self.store.latest(before=server_round)) is not None:
+            load_private(model, found[1])
+
+    def reply_arrays(self, model: torch.nn.Module, server_round: int) -> ArrayRecord:
+        """Keep the private part (on disk before anything leaves), send the shared part only."""
+        if self.store is None:
+            return model_to_arrays(model)
+        self.store.save(server_round, keep_private(model, self.parts))
+        return ArrayRecord(shared_part(model.state_dict(), self.parts))
+
+    def before_evaluation(self, model: torch.nn.Module, server_round: int) -> None:
+        """Evaluate the site's own model: the delivered shared part with its newest private part."""
+        if self.store is not None and (found := self.store.latest(upto=server_round)) is not None:
+            load_private(model, found[1])
+
+    def finetune_due(self, server_round: int) -> bool:
+        """Fine-tune at the run's last round only (cost: N epochs at every site, once)."""
+        return self.cfg.personal.finetune_epochs > 0 and server_round == self.cfg.num_rounds
+
+    def personal_evaluation(self, model: torch.nn.Module, server_round: int) -> dict[str, float]:
+        """``personal_*`` test metrics of a fine-tuned copy of ``model`` (nothing of the copy is kept)."""
+        tuned, epochs = fine_tune(model, self.site, self.cfg.train, self.cfg.personal.finetune_epochs, server_round)
+        log.info("site %s, round %d: fine-tuned a copy for %d of %d epochs (chosen on validation)",
+                 self.site.site_id, server_round, epochs, self.cfg.personal.finetune_epochs)
+        return personal_metrics(self.site.evaluate(tuned), epochs)
