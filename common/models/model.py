@@ -44,7 +44,7 @@ from .encoders import (
 from .encoders.temporal import build_temporal_encoder
 from .fusion import Fusion
 from .heads import PerModalityHead, schema_tasks
-from .registry import TIMM_PREFIX, get_fusion, get_head, list_image_backbones
+from .registry import TIMM_PREFIX, get_fusion, get_head, list_image_backbones, unknown_note
 from .transfer import freeze_image_backbone
 
 #: Parameter groups of a one-image schema; :meth:`FusionModel.parameter_groups` lists the model's own.
@@ -71,6 +71,12 @@ def parameter_group(name: str) -> str:
     if parts[0] == "heads":
         return "head"
     raise ValueError(f"'{name}' is not a FusionModel parameter name")
+
+
+def _building_graph() -> bool:
+    """True while torch.jit.trace / torch.export (ONNX export) records the model rather than runs it."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.7
+    return bool(torch.jit.is_tracing() or exporting() or torch.compiler.is_compiling())
 
 
 def drop_modalities(mask: torch.Tensor, p: float) -> torch.Tensor:
@@ -150,7 +156,9 @@ class FusionModel(nn.Module):
             raise ValueError(f"batch['mask'] has shape {got}; expected (B, {len(self.modalities)}) for "
                              f"modalities {list(self.modalities)}")
         mask = mask.bool()
-        if not bool(mask.any(dim=1).all()):
+        # A data-dependent check cannot be part of a traced/exported graph (torch.jit.trace would freeze
+        # its outcome, torch.export refuses it): exported models document the rule instead.
+        if not _building_graph() and not bool(mask.any(dim=1).all()):
             raise ValueError(
                 "batch['mask'] has a row with no modality present; the data loader must drop such rows"
             )
@@ -186,7 +194,8 @@ def create_model(schema: Schema, cfg: ModelConfig | None = None) -> FusionModel:
         if name not in list_image_backbones() and not name.startswith((TIMM_PREFIX, *SLICE_PREFIXES)):
             raise ConfigError(f"model: unknown image-backbone '{cfg.image_backbone}'; registered: "
                               f"{list_image_backbones()}, or '{TIMM_PREFIX}<any timm model name>', or "
-                              f"slice pooling over a 2-D one: {[p + '<backbone>' for p in SLICE_PREFIXES]}")
+                              f"slice pooling over a 2-D one: {[p + '<backbone>' for p in SLICE_PREFIXES]}"
+                              f"{unknown_note()}")
         if schema.images and cfg.image_encoders == "shared":
             encoders["image"] = build_shared_image_encoder(name, specs, cfg.embed_dim, cfg.pretrained_path,
                                                            min_fraction=cfg.pretrained_min_fraction)
