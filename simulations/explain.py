@@ -58,6 +58,7 @@ from fedfusion.common.training import (  # noqa: E402
     Predictions,
     make_loader,
     metrics_from,
+    pick_device,
     predict,
     primary_metric,
 )
@@ -256,13 +257,14 @@ def screen_omics(model: torch.nn.Module, tensor_sets: list[dict[str, torch.Tenso
 
 
 def explain_run(run_dir: str | Path, out_dir: str | Path | None = None, *, n_cases: int = 3, n_repeats: int = 5,
-                max_features: int = 200, seed: int = 0, device: str = "cpu",
+                max_features: int = 200, seed: int = 0, device: str = "auto",
                 on_step: StepCallback | None = None) -> Path:
     """Write every explanation of the run's global model (see the module docstring); returns explain.md.
 
     ``on_step`` hears each step (loading, modality weights, Grad-CAM per site, permutation importance
     feature k/N per site): on a large omics panel the whole takes minutes."""
     run_dir = Path(run_dir).resolve()
+    device = str(pick_device(device))  # "auto": CUDA when present, else CPU, as simulate and train-local resolve it
     report(on_step, "loading the model and the sites' test splits")
     loaded = load_global_model(find_model(run_dir))
     sites = find_sites(loaded, run_dir)
