@@ -28,8 +28,6 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
-from flwr.clientapp.typing import ClientAppCallable
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedfusion.client.audit_mod import audit_mod
 from fedfusion.client.eval_release import eval_release_policy, release_eval_metrics
@@ -38,6 +36,7 @@ from fedfusion.client.reply_signing import reply_signing_mod
 from fedfusion.client.runtime import SiteRuntime, round_privacy, site_from_context, site_policy, study_name
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation
 from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.flower_adapter import KEY_CLIPPING_NORM, ClientAppCallable, check_flower_version
 from fedfusion.common.privacy_policy import PrivacyError, PrivacyPolicy
 from fedfusion.common.records import (
     ARRAYS_KEY,
@@ -49,7 +48,6 @@ from fedfusion.common.records import (
     arrays_to_model,
     arrays_to_numpy,
     metrics_record,
-    model_to_arrays,
     refusal_reason,
 )
 
@@ -93,9 +91,19 @@ def _spent(policy: PrivacyPolicy | None, cfg: FederationConfig, site: SiteRuntim
         return {}
 
 
+def _personalization(cfg: FederationConfig, site: SiteRuntime, node_config: Mapping[str, Any],
+                     run_config: Mapping[str, Any]) -> Any:
+    """The site's personalisation (private parts, fine-tuning); imported here, not at the top, to keep
+    this module's import block to Flower and the site runtime."""
+    from fedfusion.client.personalization import SitePersonalization
+
+    return SitePersonalization.for_site(cfg, site, node_config, run_config)
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` stand in for the run config where Flower passes none (in-process
     simulation), the run config wins otherwise."""
+    check_flower_version("fedfusion ClientApp")
     overrides = dict(overrides or {})
     # audit_mod outermost: records every reply, of every message type, as it leaves (signed when the site
     # has a key: reply_signing_mod lets the coordinator attribute it to this site, not a claimed id)
@@ -130,6 +138,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                                 server_round, privacy.study)
                     return Message(released, reply_to=msg)
             model = arrays_to_model(msg.content[ARRAYS_KEY], site.build_model(cfg.model, fresh=privacy is not None))
+            personal = _personalization(cfg, site, node_config, run_config)  # private parts: kept, never sent
+            personal.before_training(model, server_round)
             metrics = site.train(model, cfg.train, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
                                  privacy=privacy)
         except PrivacyError as refusal:
@@ -139,8 +149,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         # The whole handler (site build, model build and (de)serialisation, training): what the site
         # spends besides "train-seconds" is ours to cut (benchmarks/scale.py splits a round by it).
         metrics = {**metrics, CLIENT_SECONDS_KEY: time.perf_counter() - began}
-        content = RecordDict({ARRAYS_KEY: model_to_arrays(model), METRICS_KEY: metrics_record(metrics),
-                              SITE_KEY: ConfigRecord({"site-id": site.site_id})})
+        content = RecordDict({ARRAYS_KEY: personal.reply_arrays(model, server_round),
+                              METRICS_KEY: metrics_record(metrics), SITE_KEY: ConfigRecord({"site-id": site.site_id})})
         if privacy is not None:  # on disk before it leaves: a resumed run's identical request gets it again
             releases.put(site.site_id, privacy.study, key, content)
         return Message(content, reply_to=msg)
@@ -150,8 +160,14 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         cfg, run_config = _config(context)
         site = site_from_context(dict(context.node_config), run_config)
         model = arrays_to_model(msg.content[ARRAYS_KEY], site.build_model(cfg.model))
+        server_round = int(msg.content[CONFIG_KEY].get("server-round", 0)) if CONFIG_KEY in msg.content else 0
+        personal = _personalization(cfg, site, dict(context.node_config), run_config)
+        personal.before_evaluation(model, server_round)  # the site's own private parts, if any
+        raw = site.evaluate(model)
+        if personal.finetune_due(server_round):  # FedAvg+FT: a fine-tuned copy, scored only
+            raw.update(personal.personal_evaluation(model, server_round))
         # Small splits release only counts, metrics are rounded: evaluation is no uncharged oracle.
-        metrics = release_eval_metrics(site.evaluate(model), eval_release_policy(dict(context.node_config), run_config))
+        metrics = release_eval_metrics(raw, eval_release_policy(dict(context.node_config), run_config))
         return Message(RecordDict({METRICS_KEY: metrics_record(metrics),
                                    SITE_KEY: ConfigRecord({"site-id": site.site_id})}), reply_to=msg)
 

@@ -55,9 +55,9 @@ class AppNotApproved(Exception):
 
 def fab_hash(app_dir: str | Path) -> str:
     """SHA-256 of the FAB that ``flwr run APP_DIR`` would send (Flower's own, deterministic build)."""
-    from flwr.cli.build import build_fab_from_disk
+    from fedfusion.client.flower_runtime import build_fab
 
-    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+    return hashlib.sha256(build_fab(Path(app_dir))).hexdigest()
 
 
 def normalise_hashes(values: Iterable[str], source: str) -> frozenset[str]:
@@ -83,9 +83,9 @@ def check_approved(digest: str, approved: frozenset[str]) -> None:
 def refusing_app(reason: str) -> Callable[..., object]:
     """A stand-in ClientApp that answers any message with ``reason`` (recorded by the audit mod first)."""
     from flwr.app import Context, Error, Message
-    from flwr.common.constant import ErrorCode
 
     from fedfusion.client.audit_mod import audit_mod
+    from fedfusion.common.flower_adapter import ErrorCode
 
     def refuse(msg: Message, context: Context) -> Message:
         return Message(Error(ErrorCode.LOAD_CLIENT_APP_EXCEPTION, f"refused: {reason}"), reply_to=msg)

@@ -16,9 +16,9 @@ applies to every reply it receives, so the two records of one reply can be match
 from __future__ import annotations
 
 from flwr.app import Context, Message
-from flwr.clientapp.typing import ClientAppCallable
 
 from fedfusion.client.audit import AuditLog
+from fedfusion.common.flower_adapter import ClientAppCallable
 from fedfusion.common.reply_digest import message_round, reply_payload
 
 AUDIT_LOG_NODE_CONFIG_KEY = "audit-log"

@@ -320,6 +320,13 @@ def warm_superexec_command(cfg: SiteConfig, supernode_pid: int) -> list[str]:
 
 def start_site(config_path: str | Path) -> int:
     """Preflight (``site check``), then run the SuperNode in the foreground; return its exit code."""
+    from fedfusion.common.flower_adapter import UnverifiedFlowerError, check_flower_version
+
+    try:
+        check_flower_version("fedfusion site start")
+    except UnverifiedFlowerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
     try:
         cfg = SiteConfig.load(config_path)
     except ConfigError as err:

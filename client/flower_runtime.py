@@ -13,6 +13,17 @@ so this module replaces the two names ``install_from_fab`` and ``get_load_client
 sees them* (nothing else in Flower changes). ``tests/unit/client/test_flower_runtime.py`` is the canary:
 it fails if Flower renames either name, changes their call order, or changes the folder naming, so an
 upgrade cannot silently bypass approval.
+
+It is also the site side of the Flower adapter (the shared side, with the version check, is
+:mod:`fedfusion.common.flower_adapter`): every other internal the site runtime uses or replaces lives
+here, each with a canary in ``tests/unit/test_flower_canaries.py``:
+
+- the warm SuperExec (:mod:`fedfusion.client.warm_executor`): Flower's ``Executor`` types, the
+  ``get_executor`` seam of ``run_superexec``, ``run_clientapp`` and its object-pull backoff;
+- the SuperNode runner (:mod:`fedfusion.client.supernode_runner`): the ``time`` module that
+  ``flwr.supernode.start_client_internal`` idles with, and the ``flower-supernode`` entry point;
+- code approval: Flower's deterministic FAB build;
+- releases kept before this adapter existed (Flower's serialized object tree), read once for upgrade.
 """
 
 from __future__ import annotations
@@ -23,10 +34,23 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from flwr.supercore.constant import TaskType
+from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
+
 # The module whose globals we replace; the names below must exist there (checked by the canary test).
 RUN_CLIENTAPP_MODULE = "flwr.supernode.runtime.run_clientapp"
 INSTALL_NAME = "install_from_fab"
 LOADER_FACTORY_NAME = "get_load_client_app_fn"
+
+# The SuperExec module whose ``get_executor`` we replace (the module, not the function the package re-exports).
+RUN_SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
+EXECUTOR_FACTORY_NAME = "get_executor"
+OBJECT_PULL_NAME = "pull_and_inflate_object_from_tree"
+# The SuperNode loop module whose view of ``time`` we replace.
+SUPERNODE_LOOP_MODULE = "flwr.supernode.start_client_internal"
+
+#: Re-exported for :mod:`fedfusion.client.warm_executor` (Flower's Executor interface types).
+__all__ = ["ExecutionSpec", "LaunchResult", "TaskType"]
 
 Installer = Callable[..., Path]
 LoaderFactory = Callable[..., Callable[[str, str, str], Any]]
@@ -88,3 +112,87 @@ def replace_fab_install_and_load(install: Installer, loader_factory: LoaderFacto
                                "fedfusion's code approval; install flwr 1.41.x")
     setattr(module, INSTALL_NAME, install)
     setattr(module, LOADER_FACTORY_NAME, loader_factory)
+
+
+def build_fab(app_dir: Path) -> bytes:
+    """The FAB bytes ``flwr run APP_DIR`` would send (Flower's own deterministic build, so hashes match)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return bytes(build_fab_from_disk(Path(app_dir)))
+
+
+def use_short_object_pull_backoff(initial_backoff: float, backoff_cap: float) -> None:
+    """Make this process's ClientApp task retry object pulls from ``initial_backoff`` up to ``backoff_cap`` s.
+
+    Flower's own pull function, partially applied; no try limit (Flower's 2 h ``max_time`` still applies).
+    Call in the task process only: the replacement is global to Flower's ``run_clientapp`` module.
+    """
+    import functools
+
+    module = run_clientapp_module()
+    setattr(module, OBJECT_PULL_NAME, functools.partial(getattr(module, OBJECT_PULL_NAME),
+                                                        initial_backoff=initial_backoff, backoff_cap=backoff_cap,
+                                                        max_tries_per_object=None))
+
+
+def run_clientapp_task(spec: ExecutionSpec) -> None:
+    """Run Flower's ClientApp task body for ``spec`` exactly as ``flwr-clientapp --token ...`` does.
+
+    Ends through ``SystemExit`` (Flower's ``flwr_exit``), like the command.
+    """
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    run_clientapp_module().run_clientapp(
+        runtime_api_address=spec.runtime_api_address,
+        token=spec.token,
+        insecure=spec.insecure,
+        certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+        parent_pid=spec.parent_pid,
+        runtime_dependency_install=spec.runtime_dependency_install,
+    )
+
+
+def run_superexec_with(executor: Any, *, runtime_api_address: str, insecure: bool,
+                       root_certificates_path: str | None, parent_pid: int | None) -> None:
+    """Run Flower's SuperExec task loop with ``executor`` instead of the one Flower would build by type.
+
+    The one seam (``get_executor``) is restored afterwards; runtime dependency installation stays off.
+    """
+    module = importlib.import_module(RUN_SUPEREXEC_MODULE)
+    original = getattr(module, EXECUTOR_FACTORY_NAME)
+    setattr(module, EXECUTOR_FACTORY_NAME, lambda *args, **kwargs: executor)
+    try:
+        module.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
+                             root_certificates_path=root_certificates_path, parent_pid=parent_pid,
+                             runtime_dependency_install=False)
+    finally:
+        setattr(module, EXECUTOR_FACTORY_NAME, original)
+
+
+def supernode_loop_module() -> ModuleType:
+    """The module holding Flower's SuperNode loop (it idles with its module-level ``time.sleep``)."""
+    return importlib.import_module(SUPERNODE_LOOP_MODULE)
+
+
+def replace_supernode_time(time_module: Any) -> None:
+    """Make the SuperNode loop see ``time_module`` as ``time`` (nothing else in the process changes)."""
+    module = supernode_loop_module()
+    if not hasattr(module, "time"):
+        raise RuntimeError(f"{SUPERNODE_LOOP_MODULE} no longer imports `time`: this Flower version is not supported "
+                           "by fedfusion's SuperNode runner; install flwr 1.41.x")
+    setattr(module, "time", time_module)  # noqa: B010 - the replacement itself, named like the canary checks
+
+
+def run_flower_supernode() -> None:
+    """Flower's own ``flower-supernode`` command, in this process (it reads ``sys.argv``)."""
+    from flwr.supernode.cli import flower_supernode
+
+    flower_supernode()
+
+
+def read_flower_object_tree(root: str, contents: dict[str, bytes]) -> Any:
+    """A Flower object (e.g. a ``RecordDict``) from its serialized tree, as releases were stored before
+    fedfusion's own format; only for reading such files once on upgrade."""
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    return inflate_object_from_contents(root, contents)

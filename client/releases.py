@@ -13,8 +13,11 @@ resume-neutral hash (``FederationConfig.config_hash``) and :func:`~fedfusion.com
 of the incoming global model and train config. Any other run, model or setting trains afresh.
 
 Storage: one file per (site, study) in a folder beside the privacy ledger
-(``<ledger stem>-releases/<hash>.npz``), the reply's Flower object tree (its arrays, metrics and
-site record), replaced atomically (temp file, fsync, ``os.replace``, fsync of the folder) *before*
+(``<ledger stem>-releases/<hash>.npz``) in fedfusion's own format (:data:`RELEASE_FORMAT`: the reply's
+tensors as NumPy arrays plus a JSON description of its records, so a Flower upgrade cannot make a kept
+release unreadable; files written before it held Flower's serialized object tree and are read once
+through :mod:`fedfusion.client.flower_runtime`, then replaced by the next release), replaced
+atomically (temp file, fsync, ``os.replace``, fsync of the folder) *before*
 the reply is handed to Flower: a reply that left the site is always on disk. Only the newest release
 of a study is kept: a resumed run can only ask again for the round after its last checkpoint, which
 is the last one this site trained. It holds the update the site already sent, nothing more; it lives
@@ -23,22 +26,90 @@ on the site's state volume with the ledger.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedfusion.common.reply_digest import canonical, payload_sha256
 from fedfusion.common.results import fsync_dir
 
 log = logging.getLogger("fedfusion.client.releases")
-_ROOT = "root"
+_ROOT = "root"  # only in files written before RELEASE_FORMAT (Flower's object tree)
 _KEY = "request"
+_FORMAT = "format"
+_META = "meta"
+#: Written into every release file; a reader meeting another value refuses the file (and trains afresh).
+RELEASE_FORMAT = "fedfusion-release/1"
+_KINDS: dict[str, type] = {"arrays": ArrayRecord, "metrics": MetricRecord, "config": ConfigRecord}
+
+
+def _bytes(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8)
+
+
+def _json_value(value: Any) -> Any:
+    """A config/metric value as JSON; bytes (e.g. a signature) as ``{"b64": ...}``, the one dict form."""
+    if isinstance(value, bytes):
+        return {"b64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _from_json_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return base64.b64decode(value["b64"])
+    if isinstance(value, list):
+        return [_from_json_value(v) for v in value]
+    return value
+
+
+def encode_release(content: RecordDict) -> dict[str, np.ndarray]:
+    """The npz entries of :data:`RELEASE_FORMAT` for ``content`` (records and keys in their order)."""
+    records: list[dict[str, Any]] = []
+    entries: dict[str, np.ndarray] = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            keys = list(record.keys())
+            for key in keys:
+                entries[f"a{len(entries)}"] = record[key].numpy()
+            records.append({"name": name, "kind": "arrays", "keys": keys})
+            continue
+        kind = next((k for k, cls in _KINDS.items() if k != "arrays" and isinstance(record, cls)), None)
+        if kind is None:
+            raise ValueError(f"cannot keep record {name!r} of type {type(record).__name__} in a release")
+        records.append({"name": name, "kind": kind, "values": {k: _json_value(v) for k, v in record.items()}})
+    meta = json.dumps({"records": records}, allow_nan=True)
+    return {_FORMAT: _bytes(RELEASE_FORMAT), _META: _bytes(meta), **entries}
+
+
+def decode_release(stored: Mapping[str, np.ndarray]) -> RecordDict:
+    """The ``RecordDict`` of :func:`encode_release`'s entries; a ValueError names what is wrong."""
+    found = bytes(stored[_FORMAT]).decode() if _FORMAT in stored else None
+    if found != RELEASE_FORMAT:
+        raise ValueError(f"release format {found!r}, expected {RELEASE_FORMAT!r}")
+    meta = json.loads(bytes(stored[_META]).decode())
+    content = RecordDict()
+    index = 0
+    for record in meta["records"]:
+        if record["kind"] == "arrays":
+            arrays = {}
+            for key in record["keys"]:
+                arrays[key] = Array(np.asarray(stored[f"a{index}"]))
+                index += 1
+            content[record["name"]] = ArrayRecord(arrays)
+        else:
+            values = {k: _from_json_value(v) for k, v in record["values"].items()}
+            content[record["name"]] = _KINDS[record["kind"]](values)
+    return content
 
 
 def request_key(site_id: str, study: str, server_round: int, config_hash: str,
@@ -65,8 +136,6 @@ class ReleaseStore:
 
     def get(self, site_id: str, study: str, key: str) -> RecordDict | None:
         """The reply content released for request ``key``, or None (another request, or none kept)."""
-        from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-
         path = self._path(site_id, study)
         if not path.is_file():
             return None
@@ -74,9 +143,14 @@ class ReleaseStore:
             with np.load(path, allow_pickle=False) as stored:
                 if bytes(stored[_KEY]).decode() != key:
                     return None
-                root = bytes(stored[_ROOT]).decode()
-                contents = {name: bytes(stored[name]) for name in stored.files if name not in (_ROOT, _KEY)}
-            content = inflate_object_from_contents(root, contents)
+                if _FORMAT in stored.files or _ROOT not in stored.files:
+                    content = decode_release({name: stored[name] for name in stored.files})
+                else:  # written before RELEASE_FORMAT: Flower's object tree, read once for the upgrade
+                    from fedfusion.client.flower_runtime import read_flower_object_tree
+
+                    root = bytes(stored[_ROOT]).decode()
+                    contents = {name: bytes(stored[name]) for name in stored.files if name not in (_ROOT, _KEY)}
+                    content = read_flower_object_tree(root, contents)
             if not isinstance(content, RecordDict):
                 raise ValueError("not a stored reply")
         except Exception as err:  # noqa: BLE001 - unreadable: train afresh, which can only over-count ε
@@ -87,16 +161,12 @@ class ReleaseStore:
 
     def put(self, site_id: str, study: str, key: str, content: RecordDict) -> Path:
         """Keep ``content`` as the release for request ``key`` (replacing the study's previous one)."""
-        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-
-        objects = {oid: np.frombuffer(obj.deflate(), dtype=np.uint8)
-                   for oid, obj in get_all_nested_objects(content).items()}
+        entries = encode_release(content)
         path = self._path(site_id, study)
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         with tmp.open("wb") as handle:
-            np.savez(handle, **{_ROOT: np.frombuffer(content.object_id.encode(), dtype=np.uint8),
-                                _KEY: np.frombuffer(key.encode(), dtype=np.uint8)}, **objects)
+            np.savez(handle, **{_KEY: _bytes(key)}, **entries)  # type: ignore[arg-type]
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

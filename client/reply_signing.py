@@ -16,8 +16,8 @@ from functools import lru_cache
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import ConfigRecord, Context, Message
-from flwr.clientapp.typing import ClientAppCallable
 
+from fedfusion.common.flower_adapter import ClientAppCallable
 from fedfusion.common.reply_signature import PURPOSE, SIGNATURE_RECORD, signed_statement, unsigned_reply_sha256
 from fedfusion.common.roster import load_signing_key, sign
 

@@ -39,12 +39,12 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common.constant import ErrorCode
 
 from fedfusion.client.releases import ANSWERS_FILENAME, AnswerBook, answer_key
 from fedfusion.client.secagg_identity import site_identity, truthy
 from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.flower_adapter import ClientAppCallable, ErrorCode, Mod
+from fedfusion.common.personalization import shared_part
 from fedfusion.common.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -175,7 +175,8 @@ def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallab
     check_round(config, identity.policy)
     layout = VectorLayout.from_json(str(record[LAYOUT_KEY]))
     weight_keys = json.loads(str(record[WEIGHT_KEYS_KEY]))
-    current = arrays_to_numpy(msg.content[ARRAYS_KEY])
+    # the site's private parts (private-parts) are neither masked nor sent: the layout covers the shared part
+    current = shared_part(arrays_to_numpy(msg.content[ARRAYS_KEY]), cfg.personal.private_parts)
     check_layout(layout, weight_keys, current)
     node_id = int(msg.metadata.dst_node_id)
     client = SecAggClient(node_id, config, layout)  # refuses a layout or node set it cannot serve, before training

@@ -33,9 +33,9 @@ def install_poll_interval(poll_interval_s: float) -> None:
     """Cap the SuperNode loop's idle sleeps; only that module's view of ``time`` changes."""
     if not 0.01 <= poll_interval_s <= 60:
         raise ValueError(f"poll interval must be between 0.01 and 60 s, got {poll_interval_s}")
-    from flwr.supernode import start_client_internal
+    from fedfusion.client.flower_runtime import replace_supernode_time
 
-    start_client_internal.time = _capped_time_module(poll_interval_s)  # type: ignore[assignment]
+    replace_supernode_time(_capped_time_module(poll_interval_s))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -45,11 +45,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args[:1] == ["--poll-interval"]:
         poll = float(args[1])
         args = args[2:]
-    install_poll_interval(poll)
-    from flwr.supernode.cli import flower_supernode
+    from fedfusion.client.flower_runtime import run_flower_supernode
+    from fedfusion.common.flower_adapter import check_flower_version
 
+    check_flower_version("fedfusion site SuperNode")
+    install_poll_interval(poll)
     sys.argv = ["flower-supernode", *args]
-    flower_supernode()
+    run_flower_supernode()
 
 
 if __name__ == "__main__":

@@ -28,15 +28,15 @@ import time
 from collections.abc import Sequence
 from logging import INFO, WARNING
 
-from flwr.supercore import log
-from flwr.supercore.constant import TaskType
-from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult
+from fedfusion.client import flower_runtime
+from fedfusion.client.flower_runtime import ExecutionSpec, LaunchResult, TaskType
+from fedfusion.common.flower_adapter import flower_log as log
 
 # Third-party modules every fedfusion ClientApp imports; importing them once is the whole saving.
 PRELOADED_MODULES: tuple[str, ...] = (
     "numpy", "pandas", "torch", "torch.nn", "torch.utils.data", "torchvision", "timm", "opacus",
     "sklearn.metrics", "PIL.Image", "pydicom", "nibabel",
-    "flwr.app", "flwr.clientapp", "flwr.supernode.runtime.run_clientapp",
+    "flwr.app", "flwr.clientapp", flower_runtime.RUN_CLIENTAPP_MODULE,
 )
 # How often the loop asks the SuperNode for a task; Flower's default is 1 s, which alone would
 # add up to a second per message to every round.
@@ -47,8 +47,6 @@ DEFAULT_POLL_INTERVAL_S = 0.05
 OBJECT_PULL_INITIAL_BACKOFF_S = 0.05
 OBJECT_PULL_BACKOFF_CAP_S = 0.5
 _POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-# The module, not the function of the same name that the package re-exports.
-_flower_superexec = importlib.import_module("flwr.supercore.superexec.run_superexec")
 
 
 def preload(modules: Sequence[str] = PRELOADED_MODULES) -> list[str]:
@@ -135,26 +133,10 @@ def _run_task_in_child(spec: ExecutionSpec, approved_apps: frozenset[str] | None
             from fedfusion.client.approval import install_approval_check
 
             install_approval_check(approved_apps, on_refusal=_log_refusal)
-        import functools
-
-        from flwr.supercore.tls import validate_and_resolve_root_certificates
-        from flwr.supernode.runtime import run_clientapp as flower_module
-
         # Flower's own pull, with a short backoff; no try limit (Flower's max_time of 2 h still applies)
         # so a large model arriving over a slow hospital uplink is waited for, not abandoned.
-        flower_module.pull_and_inflate_object_from_tree = functools.partial(
-            flower_module.pull_and_inflate_object_from_tree, initial_backoff=OBJECT_PULL_INITIAL_BACKOFF_S,
-            backoff_cap=OBJECT_PULL_BACKOFF_CAP_S, max_tries_per_object=None)
-        run_clientapp = flower_module.run_clientapp
-
-        run_clientapp(
-            runtime_api_address=spec.runtime_api_address,
-            token=spec.token,
-            insecure=spec.insecure,
-            certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
-            parent_pid=spec.parent_pid,
-            runtime_dependency_install=spec.runtime_dependency_install,
-        )
+        flower_runtime.use_short_object_pull_backoff(OBJECT_PULL_INITIAL_BACKOFF_S, OBJECT_PULL_BACKOFF_CAP_S)
+        flower_runtime.run_clientapp_task(spec)
         code = 0
     except SystemExit as done:  # run_clientapp always ends through flwr_exit
         code = done.code if isinstance(done.code, int) else 1
@@ -180,6 +162,9 @@ def run_warm_superexec(runtime_api_address: str, *, insecure: bool, root_certifi
     """
     if not hasattr(os, "fork"):
         raise RuntimeError("the warm site executor needs fork() (Linux/macOS); use Flower's default isolation")
+    from fedfusion.common.flower_adapter import check_flower_version
+
+    check_flower_version("fedfusion warm SuperExec")
     missing = preload()
     log(INFO, "fedfusion warm SuperExec: preloaded %d modules%s", len(PRELOADED_MODULES) - len(missing),
         f" (not installed: {', '.join(missing)})" if missing else "")
@@ -187,15 +172,9 @@ def run_warm_superexec(runtime_api_address: str, *, insecure: bool, root_certifi
     executor = ForkingExecutor(approved_apps)
     if approved_apps is not None:
         log(INFO, "fedfusion warm SuperExec: only %d approved app bundle(s) may run", len(approved_apps))
-    original = _flower_superexec.get_executor
     # The one seam: Flower builds its executor by type; ours is handed in instead.
-    _flower_superexec.get_executor = lambda *args, **kwargs: executor  # type: ignore[assignment]
-    try:
-        _flower_superexec.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
-                                        root_certificates_path=root_certificates_path, parent_pid=parent_pid,
-                                        runtime_dependency_install=False)
-    finally:
-        _flower_superexec.get_executor = original
+    flower_runtime.run_superexec_with(executor, runtime_api_address=runtime_api_address, insecure=insecure,
+                                      root_certificates_path=root_certificates_path, parent_pid=parent_pid)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

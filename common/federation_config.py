@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedfusion.common.config import ConfigError, ModelConfig, TrainConfig, from_flat
+from fedfusion.common.personalization import Personalization
 from fedfusion.common.privacy_policy import PrivacyRequest
 from fedfusion.common.secagg.settings import SecureAggregationSettings
 
@@ -82,10 +83,18 @@ DEFAULTS: dict[str, Any] = {
     "secagg-allow-two-sites": False,
     "secagg-weight-bound": 100000.0,  # largest example count a site may report
     "secagg-timeout": 600.0,  # seconds per key-exchange stage (stage 1 trains: round-timeout)
+    # Experiment tracking on the coordinator (server/tracking.py, docs/tracking.md); the `tracking` extra
+    "tracking": "",  # "" (off) | tensorboard | mlflow | tensorboard,mlflow
+    "tracking-dir": "",  # parent of tensorboard/ and mlruns/; "" = the run folder
+    "mlflow-tracking-uri": "",  # "" = the local file store <tracking-dir>/mlruns; a URI names a server/database
+    "mlflow-experiment": "fedfusion",
     # Reply attribution (server/reply_attribution.py): the coordinator kit's roster.json; every reply must
     # be signed by the roster site it names. `fedfusion run` fills it from `coordinator start --kit`.
     "roster": "",
     "sim-min-eval-cases": 0,  # simulation: smallest split whose metrics are released (client/eval_release.py)
+    # Personalisation (common/personalization.py, client/personalization.py)
+    "private-parts": "",  # groups each site keeps and never sends: "head" (FedPer), "fusion", a modality
+    "personal-finetune-epochs": 0,  # > 0: at the last round's evaluation each site fine-tunes a copy (FedAvg+FT)
 }
 
 # TrainConfig fields whose run-config keys have no ``local-`` prefix (they are federation-wide).
@@ -94,7 +103,7 @@ _UNPREFIXED_TRAIN_KEYS = ("lr_schedule", "lr_warmup", "lr_step_size", "lr_gamma"
 
 # Keys that may differ between an interrupted run and its resumption without changing the result.
 _RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds", "secagg-timeout", "scale-cache-size",
-                   "model-selection")
+                   "model-selection", "tracking", "tracking-dir", "mlflow-tracking-uri", "mlflow-experiment")
 MODEL_SELECTIONS = ("best-val", "last")
 
 
@@ -123,6 +132,7 @@ class FederationConfig:
     privacy: PrivacyRequest = PrivacyRequest()
     secure: SecureAggregationSettings = SecureAggregationSettings()
     model_selection: str = "best-val"
+    personal: Personalization = Personalization()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> FederationConfig:
@@ -155,6 +165,7 @@ class FederationConfig:
                 privacy=PrivacyRequest.from_run_config(flat),
                 secure=SecureAggregationSettings.from_run_config(flat),
                 model_selection=str(flat["model-selection"]),
+                personal=Personalization.from_run_config(flat),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(f"run config: {err}") from None
@@ -165,6 +176,9 @@ class FederationConfig:
         if cfg.model_selection not in MODEL_SELECTIONS:
             raise ConfigError(f"run config: model-selection must be one of {list(MODEL_SELECTIONS)}, "
                               f"got {cfg.model_selection!r}")
+        if cfg.personal.private_parts and cfg.privacy.mode == "client":
+            raise ConfigError("run config: private-parts does not combine with dp-mode = \"client\" (Flower's "
+                              "client-side clipping compares the whole model with the reply); use dp-mode = \"sample\"")
         return cfg
 
     def config_hash(self) -> str:

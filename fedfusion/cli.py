@@ -51,10 +51,12 @@ def _cmd_datasets_list(args: argparse.Namespace) -> int:
     from fedfusion.simulations.datasets import list_datasets
 
     table = Table(title="real data sets that ship inside packages (nothing is downloaded)")
-    for column in ("name", "task", "sites", "source", "description"):
+    table.add_column("name", no_wrap=True)  # what a user types: never folded, even on an 80-column terminal
+    for column in ("task", "sites", "source", "licence", "description"):
         table.add_column(column, overflow="fold")
     for info in list_datasets():
-        table.add_row(info.name, info.task, str(info.site_column or "-"), info.source, info.description)
+        table.add_row(info.name, info.task, str(info.site_column or "-"), info.source, info.licence,
+                      info.description)
     Console().print(table)
     return 0
 
@@ -62,17 +64,36 @@ def _cmd_datasets_list(args: argparse.Namespace) -> int:
 def _cmd_datasets_build(args: argparse.Namespace) -> int:
     from fedfusion.common.progress import ProgressDisplay, report
 
+    if args.partition is None and (args.num_sites is not None or args.run_dir is not None):
+        print("error: --num-sites and --run-dir describe the site manifests of --partition; add --partition "
+              "(e.g. --partition natural)", file=sys.stderr)
+        return 2
     with ProgressDisplay("datasets build") as progress:
         report(progress, "loading the data set readers")  # importing pandas and the packages takes seconds
+        from fedfusion.common.manifest import ManifestError
         from fedfusion.simulations.datasets import DatasetError, build_dataset
 
         try:
-            schema_path = build_dataset(args.name, Path(args.out), seed=args.seed, on_step=progress)
-        except DatasetError as err:
+            if args.partition is not None:  # site manifests + the `flwr run` line (docs/flower-cli.md)
+                from fedfusion.simulations.flwr_run import build_flwr_sites
+
+                flwr_data = build_flwr_sites(args.name, args.out, args.partition, args.num_sites or 3, args.seed,
+                                             run_dir=args.run_dir, on_step=progress)
+            else:
+                schema_path = build_dataset(args.name, Path(args.out), seed=args.seed, on_step=progress)
+        except (DatasetError, ManifestError, ValueError) as err:  # ValueError: a PartitionError
             progress.stop()
             print(f"error: {err}", file=sys.stderr)
             return 2
-    print(f"wrote {schema_path.parent / 'manifest.csv'} and {schema_path}")
+    if args.partition is None:
+        print(f"wrote {schema_path.parent / 'manifest.csv'} and {schema_path}")
+        return 0
+    sites = flwr_data.sites
+    print(f"wrote {flwr_data.data_dir / 'manifest.csv'}, {flwr_data.schema} and {len(sites)} site manifests "
+          f"(site-<name>.csv); partition-id 0..{len(sites) - 1} = {', '.join(sites)}")
+    print("run it with Flower's CLI from the fedfusion folder (docs/flower-cli.md; CONNECTION as in "
+          "$FLWR_HOME/config.toml):")
+    print(f"  {flwr_data.command()}")
     return 0
 
 
@@ -88,6 +109,37 @@ def _cmd_datasets_export(args: argparse.Namespace) -> int:
     for site, path in written.items():
         print(f"{site}: {path}")
     return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    """List installed plug-ins (docs/plugins.md) and what each registered; 1 when one failed to load."""
+    from fedfusion.common.models import list_fusions
+    from fedfusion.common.plugins import GROUPS, load_all
+    from fedfusion.simulations.datasets import list_datasets
+
+    list_fusions()  # announces the model registries, then loads fedfusion.models (the data set one is announced)
+    list_datasets()
+    found = load_all()
+    if args.json:
+        print(json.dumps([{"group": p.group, "name": p.name, "value": p.value, "distribution": p.distribution,
+                           "registered": {k: list(v) for k, v in p.registered.items()}, "error": p.error}
+                          for p in found], indent=2))
+    elif not found:
+        print(f"no plug-ins installed (entry point groups: {', '.join(GROUPS)}; see docs/plugins.md)")
+    for plugin in found:
+        if args.json:
+            break
+        print(f"{plugin.group}: {plugin.name} = {plugin.value} ({plugin.distribution})")
+        for kind, names in plugin.registered.items():
+            print(f"  {kind}: {', '.join(names)}")
+        if plugin.ok and not plugin.registered:
+            print("  (registered nothing)")
+        if not plugin.ok:
+            print("  FAILED to load (see the warning)")
+    for plugin in found:
+        if plugin.error:
+            print(f"warning: {plugin.error}", file=sys.stderr)
+    return 0 if all(p.ok for p in found) else 1
 
 
 def _cmd_train_local(args: argparse.Namespace) -> int:
@@ -126,15 +178,39 @@ def _cmd_train_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_simulation_extra() -> str | None:
+    """One line when Flower's Ray runtime or lifelines is absent (a site install), instead of Flower's exit
+    box or a traceback minutes into the run; None when both are installed."""
+    import importlib.util
+
+    missing = []
+    for module in ("ray", "lifelines"):
+        try:
+            spec = importlib.util.find_spec(module)
+        except ImportError:
+            spec = None
+        if spec is None or spec.origin is None:  # origin None: a stray folder of that name, not the package
+            missing.append(module)
+    if not missing:
+        return None
+    return (f"simulations need {' and '.join(missing)}, which a site install leaves out; install them with: "
+            'pip install "fedfusion[simulation]"')
+
+
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import logging
 
     from fedfusion.common.config import ConfigError
     from fedfusion.common.manifest import ManifestError
     from fedfusion.common.progress import ProgressDisplay, round_step
+    from fedfusion.simulations.datasets import DatasetError
+    from fedfusion.simulations.partition import PartitionError
     from fedfusion.simulations.simulate import SimulationSpec, federated_ended_early, simulate
     from fedfusion.simulations.user_sites import SitesDirError, find_sites
 
+    if missing := _missing_simulation_extra():
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     logging.getLogger("flwr").propagate = False  # Flower prints through its own handler; do not print twice
     logging.getLogger("flwr").setLevel(logging.WARNING)  # its per-round INFO lines would bury the progress lines
     sites_dir = Path(args.sites_dir) if args.sites_dir else None
@@ -149,17 +225,20 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     spec = SimulationSpec(dataset=f"sites-dir {sites_dir}" if sites_dir else args.dataset, sites_dir=sites_dir,
                           out_dir=out, partition=args.partition, num_sites=args.num_sites,
                           rounds=args.rounds, strategy=args.strategy, fusion=args.fusion,
+                          image_backbone=args.backbone,
                           local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           baselines=not args.no_baselines, baseline_epochs=args.baseline_epochs, device=args.device,
                           gpus_per_site=args.gpus_per_site, partition_options=_partition_options(args),
                           scale_sites=args.scale_sites, rows_per_site=args.rows_per_site,
                           fraction_train=args.fraction_train, fraction_evaluate=args.fraction_evaluate,
-                          ray_address=args.ray_address)
+                          ray_address=args.ray_address, tracking=args.tracking, tracking_dir=args.tracking_dir,
+                          mlflow_uri=args.mlflow_uri, personalize=args.personalize or "")
     # a bar on a terminal; plain lines (one per stage, round and baseline epoch) in logs and pipes
     with ProgressDisplay("simulate") as progress:
         try:
             report = simulate(spec, on_round=lambda row: progress(round_step(row, args.rounds)), on_step=progress)
-        except (SitesDirError, ManifestError, ConfigError) as err:  # the user's data, before any training
+        # the user's data or a split the data set cannot take (wdbc has no natural sites), before any training
+        except (SitesDirError, ManifestError, ConfigError, DatasetError, PartitionError) as err:
             progress.stop()
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -181,6 +260,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from fedfusion.simulations.datasets import DatasetError
     from fedfusion.simulations.experiment import StudyError, load_study, run_study, study_step
 
+    if missing := _missing_simulation_extra():
+        print(f"error: {missing}", file=sys.stderr)
+        return 2
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-round INFO lines would bury the progress bar
     try:
         study = load_study(args.study)
@@ -218,6 +300,21 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             return 2
     print(path.read_text())
     print(f"explanations: {path.parent}", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fedfusion.simulations.model_export import ExportError, export_run
+
+    try:
+        result = export_run(Path(args.run_dir), args.format, Path(args.out) if args.out else None, site=args.site,
+                            manifest=Path(args.manifest) if args.manifest else None)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.path} (statistics of {result.site}) and {result.sidecar}")
+    if result.rows_checked:
+        print(f"checked on {result.rows_checked} test rows: max |exported - PyTorch| = {result.max_abs_diff:.2g}")
     return 0
 
 
@@ -275,8 +372,7 @@ def _cmd_privacy_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_coordinator_start(args: argparse.Namespace) -> int:
-    from fedfusion.server.coordinator import (CoordinatorError, adopt_kit_roster, resolve_certificates,
-                                              start_coordinator)
+    from fedfusion.server.coordinator import CoordinatorError, adopt_kit_roster, resolve_certificates, start_coordinator
     from fedfusion.server.provision import ProvisionError, authorised_site_keys
 
     kit = Path(args.kit) if args.kit else None
@@ -422,11 +518,46 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 2
 
 
+_DEVICE_HELP = "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ..."
+
+
+def version_text() -> str:
+    """One line for bug reports: fedfusion, Flower, torch and Python versions, read from the installed
+    metadata (importing torch or Flower to ask them would take seconds)."""
+    import platform
+    from importlib import metadata
+
+    import fedfusion
+
+    def installed(name: str, fallback: str = "not installed") -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return fallback
+
+    return (f"fedfusion {installed('fedfusion', fedfusion.__version__)} (Flower {installed('flwr')}, "
+            f"torch {installed('torch')}, Python {platform.python_version()})")
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked (argparse's own version action formats it at build time)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fedfusion.cli_choices import OneLineParser  # one-line errors, "did you mean", defaults in help
 
     parser = OneLineParser(prog="fedfusion",
                                      description="Federated multimodal learning across hospital sites.")
+    parser.add_argument("--version", action=_VersionAction, help="print the fedfusion, Flower, torch and Python "
+                                                                 "versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     site = sub.add_parser("site", help="hospital site commands").add_subparsers(dest="site_command", required=True)
@@ -577,12 +708,25 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("name")
     build.add_argument("out")
     build.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split")
+    build.add_argument("--partition", default=None, choices=["natural", "iid", "dirichlet", "quantity",
+                                                             "modality-missing"],
+                       help="also write one manifest per site for `flwr run .` and print its --run-config "
+                            "(natural = the data's real sites; docs/flower-cli.md)")
+    build.add_argument("--num-sites", type=int, default=None,
+                       help="with a simulated --partition: how many sites (default 3)")
+    build.add_argument("--run-dir", default=None,
+                       help="with --partition: the run folder the printed config names (default runs/flwr-NAME)")
     build.set_defaults(func=_cmd_datasets_build)
     export = datasets.add_parser("export", help="write one plain CSV per natural site, as a hospital's export looks "
                                                 "(no split column): input for `site init`")
     export.add_argument("name", help="a data set with real sites (ovarian, breast-cohorts, lung)")
     export.add_argument("--out", required=True, help="folder for <site>.csv files")
     export.set_defaults(func=_cmd_datasets_export)
+
+    plugins = sub.add_parser("plugins", help="installed plug-ins (fedfusion.models / fedfusion.datasets entry "
+                                             "points) and what each registered; exit 1 if one failed to load")
+    plugins.add_argument("--json", action="store_true", help="one JSON list instead of text")
+    plugins.set_defaults(func=_cmd_plugins)
 
     local = sub.add_parser("train-local", help="pooled or single-site baseline training")
     local.add_argument("--manifest", required=True)
@@ -598,7 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--patience", type=int, default=6)
     local.add_argument("--seed", type=int, default=0)
     local.add_argument("--resplit", action="store_true", help="draw a fresh seeded train/val/test split")
-    local.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    local.add_argument("--device", default="auto", help=_DEVICE_HELP)
     local.add_argument("--out", default=None, help="folder for metrics.json, history.csv, model.pt, plots")
     local.set_defaults(func=_cmd_train_local)
 
@@ -627,14 +771,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept simulated sites whose training rows hold one class (untruncated label skew)")
     sim.add_argument("--rounds", type=int, default=5)
     sim.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
+    sim.add_argument("--personalize", default=None, choices=["ft", "fedper"],
+                     help="ft: each site also scores a fine-tuned copy of the last round's model; fedper: private "
+                          "heads kept at the sites (docs/experiments.md, Personalisation)")
     sim.add_argument("--fusion", default="attention")
+    sim.add_argument("--backbone", default="cnn_small",
+                     help="image backbone: a registered name (plug-ins too, `fedfusion plugins`) or timm:<model>")
     sim.add_argument("--local-epochs", type=int, default=2)
     sim.add_argument("--batch-size", type=int, default=64)
     sim.add_argument("--lr", type=float, default=1e-3)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--no-baselines", action="store_true", help="skip pooled and local-only baselines")
     sim.add_argument("--baseline-epochs", type=int, default=30)
-    sim.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    sim.add_argument("--device", default="auto", help=_DEVICE_HELP)
     sim.add_argument("--gpus-per-site", type=float, default=0.0, help="GPU share per simulated site (Ray)")
     sim.add_argument("--scale-sites", type=int, default=0,
                      help="> 0: this many VIRTUAL sites, each drawing --rows-per-site real rows on demand "
@@ -646,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--ray-address", default="",
                      help="run on an existing Ray cluster (HOST:6379 or auto; default: $RAY_ADDRESS, else a private "
                           "local Ray); see docs/ray-cluster.md")
+    sim.add_argument("--tracking", default="", help="log rounds and sites to tensorboard, mlflow or "
+                     "tensorboard,mlflow (the tracking extra; docs/tracking.md)")
+    sim.add_argument("--tracking-dir", default="", help="parent of tensorboard/ and mlruns/ (default: <out>/federated)")
+    sim.add_argument("--mlflow-uri", default="", help="MLflow server or database URI (default: a local file store)")
     sim.add_argument("--out", default=None, help="run folder (default runs/<dataset>-<partition>-<strategy>)")
     sim.set_defaults(func=_cmd_simulate)
 
@@ -661,8 +814,21 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--repeats", type=int, default=5, help="shuffles per feature for permutation importance")
     explain.add_argument("--max-features", type=int, default=200, help="most omics features to permute")
     explain.add_argument("--seed", type=int, default=0)
-    explain.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    explain.add_argument("--device", default="auto", help=_DEVICE_HELP)
     explain.set_defaults(func=_cmd_explain)
+
+    model_export = sub.add_parser("export", help="a run's model as one ONNX or TorchScript file with a site's "
+                                                 "preprocessing (docs/export.md)")
+    model_export.add_argument("run_dir", help="a folder with model.pt (simulate output, run folder, train-local --out)")
+    model_export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                              help="onnx needs the export extra (pip install 'fedfusion[export]')")
+    model_export.add_argument("--out", default=None,
+                              help="file to write (default: export/model-<site>.onnx or .torchscript.pt by model.pt)")
+    model_export.add_argument("--site", default=None,
+                              help="a site of the run whose training-row statistics to embed (simulated runs)")
+    model_export.add_argument("--manifest", default=None,
+                              help="a site's manifest CSV: embed its training-row statistics (at a hospital)")
+    model_export.set_defaults(func=_cmd_export)
     return parser
 
 

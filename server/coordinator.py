@@ -232,6 +232,13 @@ def start_coordinator(state_dir: Path, host: str, port: int, *, insecure: bool,
     cannot be registered the SuperLink is stopped again (exit 2), because a coordinator that sites
     cannot join would otherwise look healthy.
     """
+    from fedfusion.common.flower_adapter import UnverifiedFlowerError, check_flower_version
+
+    try:
+        check_flower_version("fedfusion coordinator start")
+    except UnverifiedFlowerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if insecure:
         node_auth = False
     paths = CoordinatorPaths(state_dir)

@@ -37,6 +37,7 @@ from flwr.serverapp import Grid
 from fedfusion.common.config import ConfigError, load_schema
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.models import create_model
+from fedfusion.common.personalization import private_keys
 from fedfusion.common.records import (
     EPSILON_KEY,
     NUM_EXAMPLES,
@@ -55,6 +56,7 @@ from fedfusion.server.run_folders import load_checkpoint_file
 from fedfusion.server.run_lock import hold_run_folder
 from fedfusion.server.secure_aggregation import check_secure_compatible, run_secure_round
 from fedfusion.server.strategy import ModalityAwareFedAvg, build_strategy
+from fedfusion.server.tracking import RunTracking
 
 log = logging.getLogger("fedfusion.server")
 
@@ -163,12 +165,13 @@ def run_federation(grid: Grid, cfg: FederationConfig,
     """
     if not cfg.schema:
         raise ConfigError("run config: 'schema' must name the federation schema JSON on the coordinator")
-    with hold_run_folder(Path(cfg.run_dir)):
-        return _run_rounds(grid, cfg, on_round)
+    # tracking (run config `tracking`, server/tracking.py): closed also when a round raises
+    with hold_run_folder(Path(cfg.run_dir)), RunTracking(cfg.raw) as tracking:
+        return _run_rounds(grid, cfg, on_round, tracking)
 
 
 def _run_rounds(grid: Grid, cfg: FederationConfig,
-                on_round: Callable[[dict[str, Any]], None] | None) -> FederationResult:
+                on_round: Callable[[dict[str, Any]], None] | None, tracking: RunTracking) -> FederationResult:
     schema = load_schema(cfg.schema)
     run_dir = Path(cfg.run_dir)
     grid = RecordingGrid(grid, ReplyLog(run_dir / REPLIES_FILENAME))  # every reply received: replies.jsonl
@@ -179,7 +182,8 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
     strategy = build_strategy(cfg.strategy, groups, min_sites=cfg.min_sites, fraction_train=cfg.fraction_train,
                               fraction_evaluate=cfg.fraction_evaluate, proximal_mu=cfg.proximal_mu,
                               server_lr=cfg.server_lr, evaluate_metrics_aggr_fn=_metric_aggregator,
-                              train_metrics_aggr_fn=_metric_aggregator)
+                              train_metrics_aggr_fn=_metric_aggregator,
+                              private_keys=private_keys(model.state_dict(), cfg.personal.private_parts))
     check_secure_compatible(cfg)
     if cfg.privacy.mode == "client":
         if cfg.strategy == "fedadam":
@@ -209,10 +213,12 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
     elif cfg.resume:
         log.info("no checkpoint in %s: starting from round 1", run_dir)
     (run_dir / "run_config.json").write_text(json.dumps(dict(cfg.raw), indent=2, default=str) + "\n")
+    tracking.start(first_round=0 if start == 1 else start)  # a resume logs only the rounds it runs
 
     if start == 1:
         row = {"round": 0, **_evaluate(grid, strategy, 0, arrays, cfg)}
         rounds.append(row)
+        tracking.log_round(row, strategy.site_metrics)
         if on_round:
             on_round(row)
     for server_round in range(start, cfg.num_rounds + 1):
@@ -263,6 +269,7 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
             row["seconds"] = time.monotonic() - began
             rounds.append(row)
             save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals, best)
+            tracking.log_round(row, strategy.site_metrics)
             if on_round:
                 on_round(row)
             break
@@ -272,6 +279,7 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
         row["seconds"] = time.monotonic() - began
         rounds.append(row)
         save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals, best)
+        tracking.log_round(row, strategy.site_metrics)  # after the checkpoint: a resume never logs it twice
         if on_round:
             on_round(row)
     selected_round, selection = int(rounds[-1]["round"]), "last"

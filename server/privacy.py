@@ -17,13 +17,31 @@ the releases so far (RDP, no sampling amplification: sites are not Poisson-sampl
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping
 
+from fedfusion.common.flower_adapter import flower_log
 from fedfusion.common.records import EPSILON_KEY, METRICS_KEY, refusal_reason
 from fedfusion.server.strategy import ModalityAwareFedAvg, site_of
+
+
+def add_gaussian_noise(arrays: ArrayRecord, stdv: float) -> ArrayRecord:
+    """``arrays`` plus N(0, stdv²) noise per element, each array keeping its dtype.
+
+    Our own copy of Flower 1.41's central-DP noise (``np.random.normal`` drawn array by array in key order,
+    cast to the array's dtype, then added), so the same NumPy seed gives the same release: the Gaussian
+    mechanism is the privacy guarantee, and a private Flower method could change it in any release.
+    """
+    noised = {}
+    for key, array in arrays.items():
+        values = np.array(array.numpy(), copy=True)
+        values += np.random.normal(0, stdv, values.shape).astype(values.dtype)
+        noised[key] = Array(np.asarray(values))
+    return ArrayRecord(noised)
 
 
 def split_refusals(server_round: int, replies: Iterable[Message]) -> tuple[list[dict[str, Any]], list[Message]]:
@@ -76,7 +94,9 @@ class ClientLevelDP(DifferentialPrivacyClientSideFixedClipping):
         if arrays is None or accepted == 0:
             return arrays, metrics
         self.num_sampled_clients = accepted
-        arrays = self._add_noise_to_aggregated_arrays(arrays)
+        stdv = float(self.noise_multiplier * self.clipping_norm / accepted)  # sensitivity clip / n, times σ
+        arrays = add_gaussian_noise(arrays, stdv)
+        flower_log(INFO, "aggregate_fit: central DP noise with %.4f stdev added", stdv)
         self.releases += 1
         return arrays, metrics
 

@@ -18,10 +18,10 @@ from logging import WARNING
 from typing import Any
 
 from flwr.app import Error, Message
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
+from fedfusion.common.flower_adapter import ErrorCode
+from fedfusion.common.flower_adapter import flower_log as log
 from fedfusion.common.records import SITE_KEY
 from fedfusion.common.reply_signature import PURPOSE, SIGNATURE_RECORD, signed_statement, unsigned_reply_sha256
 from fedfusion.common.roster import Roster

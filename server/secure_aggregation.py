@@ -180,7 +180,9 @@ def run_secure_round(grid: Grid, strategy: ModalityAwareFedAvg, server_round: in
     nodes = sorted({int(m.metadata.dst_node_id) for m in configured})
     _check_site_count(len(nodes), settings)
     current = arrays_to_numpy(arrays)
-    layout, weight_keys = masked_layout(current, strategy.parameter_groups)
+    # private parts (private-parts) are not in the sum: the sites keep them, the global keeps its values
+    layout, weight_keys = masked_layout({k: v for k, v in current.items() if k not in strategy.private_keys},
+                                        strategy.parameter_groups)
     try:
         config = SecAggConfig.create(nodes, layout, clip=settings.clip, weight_bound=settings.weight_bound,
                                      bits=settings.bits, threshold=settings.threshold or None,

@@ -10,21 +10,32 @@ Composition follows Flower's idiom: ``ModalityAwareFedAvg`` overrides only ``agg
 (proximal term in the config, server-side Adam on the aggregated update) runs on top of ours.
 Replies are also checked before use: shapes, dtypes and finiteness; a bad update is dropped and
 reported, never averaged.
+
+Private parts (``private-parts``, FedPer-style; :mod:`fedfusion.common.personalization`): the keys in
+``private_keys`` are kept by the sites and are absent from their replies. They are neither expected nor
+averaged (a reply that sends them anyway has them ignored); the global model keeps their initial values,
+and every other key is averaged exactly as without them.
+
+No private Flower code is called (see :mod:`fedfusion.common.flower_adapter`): the reply split and
+consistency check (:func:`check_and_log_replies`) and FedAdam's server step with its moments
+(:meth:`ModalityAwareFedAdam.aggregate_train`) are ours, written to give Flower 1.41's results bit for bit
+(``tests/unit/test_flower_canaries.py`` compares them with Flower's own while those exist).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from logging import WARNING
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
-from flwr.supercore import log
 
 from fedfusion.common.config import is_modality
+from fedfusion.common.flower_adapter import InconsistentMessageReplies
+from fedfusion.common.flower_adapter import flower_log as log
 from fedfusion.common.records import (
     MODALITY_COUNT_KEYS,
     NUM_EXAMPLES,
@@ -95,6 +106,59 @@ def check_update(update: Mapping[str, np.ndarray], current: Mapping[str, np.ndar
     return None
 
 
+def check_reply_consistency(contents: list[Any], weighted_by_key: str, check_arrayrecord: bool) -> None:
+    """Raise Flower's ``InconsistentMessageReplies`` unless the replies can be aggregated together.
+
+    The same checks, order and reasons as Flower 1.41's FedAvg: exactly one ArrayRecord (train) with the
+    same keys everywhere, exactly one MetricRecord with the same keys everywhere, holding a scalar
+    ``weighted_by_key``. Raising (not dropping) keeps Flower's behaviour: the ServerApp ends with its reason.
+    """
+    if check_arrayrecord:
+        if any(len(c.array_records) != 1 for c in contents):
+            raise InconsistentMessageReplies(reason="Expected exactly one ArrayRecord in replies. "
+                                             "Skipping aggregation.")
+        record_key = next(iter(contents[0].array_records.keys()))
+        all_keys = set(contents[0][record_key].keys())
+        if any(set(c.get(record_key, {}).keys()) != all_keys for c in contents[1:]):
+            raise InconsistentMessageReplies(reason="All ArrayRecords must have the same keys for aggregation. "
+                                             "This condition wasn't met. Skipping aggregation.")
+    if any(len(c.metric_records) != 1 for c in contents):
+        raise InconsistentMessageReplies(reason="Expected exactly one MetricRecord in replies, but found more. "
+                                         "Skipping aggregation.")
+    record_key = next(iter(contents[0].metric_records.keys()))
+    all_keys = set(contents[0][record_key].keys())
+    if any(set(c.get(record_key, {}).keys()) != all_keys for c in contents[1:]):
+        raise InconsistentMessageReplies(reason="All MetricRecords must have the same keys for aggregation. "
+                                         "This condition wasn't met. Skipping aggregation.")
+    if weighted_by_key not in all_keys:
+        raise InconsistentMessageReplies(reason=f"Missing required key `{weighted_by_key}` in the MetricRecord of "
+                                         "reply messages. Cannot average ArrayRecords and MetricRecords. "
+                                         "Skipping aggregation.")
+    if any(isinstance(c[record_key][weighted_by_key], list) for c in contents):
+        raise InconsistentMessageReplies(reason=f"Key `{weighted_by_key}` in the MetricRecord of reply messages "
+                                         "must be a single value (int or float), but a list was found. "
+                                         "Skipping aggregation.")
+
+
+def check_and_log_replies(replies: Iterable[Message], *, is_train: bool, weighted_by_key: str,
+                          validate: bool = True) -> tuple[list[Message], list[Message]]:
+    """(replies with content, error replies), logged as Flower's FedAvg logs them; with ``validate`` the
+    replies with content must pass :func:`check_reply_consistency`."""
+    valid: list[Message] = []
+    errors: list[Message] = []
+    for msg in replies:
+        (errors if msg.has_error() else valid).append(msg)
+    if not valid and not errors:
+        return [], []
+    log(INFO, "%s: Received %s results and %s failures", "aggregate_train" if is_train else "aggregate_evaluate",
+        len(valid), len(errors))
+    for msg in errors:
+        log(INFO, "\t> Received error in reply from node %d: %s", msg.metadata.src_node_id, msg.error.reason)
+    if validate and valid:
+        check_reply_consistency([m.content for m in valid], weighted_by_key, check_arrayrecord=is_train)
+    return valid, errors
+
+
 def site_of(message: Message) -> str:
     """The site name a reply carries (falls back to the node id)."""
     content = message.content
@@ -117,6 +181,7 @@ class ModalityAwareFedAvg(FedAvg):
         self.parameter_groups = dict(parameter_groups or {})
         # Client-level DP (server/privacy.py) needs every accepted update to weigh the same.
         self.uniform_weights = False
+        self.private_keys: frozenset[str] = frozenset()  # kept at the sites, never averaged (build_strategy)
         self._global: dict[str, np.ndarray] | None = None
         self.site_metrics: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
@@ -133,15 +198,17 @@ class ModalityAwareFedAvg(FedAvg):
             if msg.has_error():
                 self._reject(server_round, "train", site_of(msg) if msg.has_content() else str(
                     msg.metadata.src_node_id), msg.error.reason)
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = check_and_log_replies(replies, is_train=True, weighted_by_key=self.weighted_by_key)
         if not valid or self._global is None:
             return None, None
         accepted, updates, counts = [], [], []
         # Replies arrive in whatever order sites finish; summing in a fixed order makes a round's result
         # bit-for-bit reproducible, which exact resume relies on.
+        shared = {k: v for k, v in self._global.items() if k not in self.private_keys}
         for msg in sorted(valid, key=site_of):
             update = arrays_to_numpy(next(iter(msg.content.array_records.values())))
-            problem = check_update(update, self._global)
+            update = {k: v for k, v in update.items() if k not in self.private_keys}
+            problem = check_update(update, shared)
             if problem is not None:
                 self._reject(server_round, "train", site_of(msg), problem)
                 continue
@@ -153,7 +220,9 @@ class ModalityAwareFedAvg(FedAvg):
                                       **dict(metrics)})
         if not accepted:
             return None, None
-        averaged = modality_weighted_average(updates, counts, self._global, self.parameter_groups)
+        averaged = modality_weighted_average(updates, counts, shared, self.parameter_groups)
+        # private keys keep the global (initial) values, in the global model's key order
+        averaged = {k: averaged[k] if k in averaged else np.array(v, copy=True) for k, v in self._global.items()}
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
         return numpy_to_arrays(averaged), metrics
 
@@ -164,7 +233,8 @@ class ModalityAwareFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        valid, _ = check_and_log_replies(replies, is_train=False, weighted_by_key=self.weighted_by_key,
+                                         validate=False)
         for msg in valid:
             metrics = next(iter(msg.content.metric_records.values()))
             self.site_metrics.append({"round": server_round, "phase": "evaluate", "site": site_of(msg),
@@ -197,38 +267,72 @@ class ModalityAwareFedProx(FedProx, ModalityAwareFedAvg):
 
 
 class ModalityAwareFedAdam(FedAdam, ModalityAwareFedAvg):
-    """FedAdam (server-side Adam on the averaged update) with modality-aware averaging."""
+    """FedAdam (server-side Adam on the averaged update) with modality-aware averaging.
+
+    Flower's class gives the constructor (``eta``, ``eta_l``, ``beta_1``, ``beta_2``, ``tau``) and the
+    configure steps; the Adam step and its moments (:attr:`moments`) are ours, so checkpoints never hold
+    Flower's private state and an upgrade cannot change the step silently.
+    """
 
     def __init__(self, *, parameter_groups: Mapping[str, str], **kwargs: Any):
         super().__init__(**kwargs)
         self.parameter_groups = dict(parameter_groups)
+        # First and second moments per key (Flower's m_t / v_t); None until the first aggregated round.
+        self.moments: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's FedAdam step, returned in the global model's dtypes.
+        """The modality-aware average, then Flower 1.41's FedAdam step, returned in the global model's dtypes.
 
-        Flower computes the Adam step in float64; handing that back would make the next round's float32
+        The step is computed in float64 like Flower's; handing that back would make the next round's float32
         updates fail the dtype check (and double the bytes sent), so every round after the first was
         rejected before this cast.
         """
-        reference = {k: np.asarray(v).dtype for k, v in (self._global or {}).items()}
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        if arrays is None or not reference:
+        arrays, metrics = ModalityAwareFedAvg.aggregate_train(self, server_round, replies)
+        if arrays is None or self._global is None:
             return arrays, metrics
-        return ArrayRecord({k: Array(np.asarray(a.numpy()).astype(reference.get(k, a.numpy().dtype), copy=False))
-                            for k, a in arrays.items()}), metrics
+        stepped = adam_step(self._global, {k: a.numpy() for k, a in arrays.items()}, self.moments, server_round,
+                            eta=self.eta, beta_1=self.beta_1, beta_2=self.beta_2, tau=self.tau)
+        new, self.moments = stepped
+        reference = {k: np.asarray(v).dtype for k, v in self._global.items()}
+        return ArrayRecord({k: Array(np.asarray(v).astype(reference.get(k, np.asarray(v).dtype), copy=False))
+                            for k, v in new.items()}), metrics
 
     def state(self) -> dict[str, Any]:
         state = super().state()
-        state["m_t"] = getattr(self, "m_t", None)
-        state["v_t"] = getattr(self, "v_t", None)
+        # Key names kept from checkpoints written when these were Flower's attributes.
+        state["m_t"], state["v_t"] = self.moments if self.moments is not None else (None, None)
         return state
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         super().load_state(state)
         if state.get("m_t") is not None:
-            self.m_t = state["m_t"]
-            self.v_t = state["v_t"]
+            self.moments = (dict(state["m_t"]), dict(state["v_t"]))
+
+
+def adam_step(current: Mapping[str, np.ndarray], aggregated: Mapping[str, np.ndarray],
+              moments: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None, server_round: int, *,
+              eta: float, beta_1: float, beta_2: float, tau: float,
+              ) -> tuple[dict[str, np.ndarray], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """(new arrays, (m, v)): FedAdam's server step on the pseudo-gradient ``aggregated - current``.
+
+    Reddi et al. 2021 with the bias-corrected step of Kingma & Ba, exactly as Flower 1.41's FedAdam
+    computes it (same operations in the same order, so results are bit-identical).
+    """
+    if set(aggregated) != set(current):
+        raise ValueError(f"aggregated keys {sorted(aggregated)[:5]} differ from the global model's "
+                         f"{sorted(current)[:5]}")
+    delta = {k: x - current[k] for k, x in aggregated.items()}
+    m_prev, v_prev = moments if moments else ({}, {})
+    if not m_prev:
+        m_prev = {k: np.zeros_like(v) for k, v in aggregated.items()}
+    m = {k: beta_1 * v + (1 - beta_1) * delta[k] for k, v in m_prev.items()}
+    if not v_prev:
+        v_prev = {k: np.zeros_like(v) for k, v in aggregated.items()}
+    v = {k: beta_2 * x + (1 - beta_2) * (delta[k] ** 2) for k, x in v_prev.items()}
+    eta_norm = eta * np.sqrt(1 - np.power(beta_2, server_round + 1.0)) / (1 - np.power(beta_1, server_round + 1.0))
+    new = {k: x + eta_norm * m[k] / (np.sqrt(v[k]) + tau) for k, x in current.items()}
+    return new, (m, v)
 
 
 STRATEGIES: dict[str, type[ModalityAwareFedAvg]] = {
@@ -241,8 +345,12 @@ STRATEGIES: dict[str, type[ModalityAwareFedAvg]] = {
 def build_strategy(name: str, parameter_groups: Mapping[str, str], *, min_sites: int, fraction_train: float = 1.0,
                    fraction_evaluate: float = 1.0, proximal_mu: float = 0.01, server_lr: float = 0.01,
                    evaluate_metrics_aggr_fn: Callable | None = None,
-                   train_metrics_aggr_fn: Callable | None = None) -> ModalityAwareFedAvg:
-    """The one way the server builds a strategy; ``name`` is a key of :data:`STRATEGIES`."""
+                   train_metrics_aggr_fn: Callable | None = None,
+                   private_keys: Iterable[str] = ()) -> ModalityAwareFedAvg:
+    """The one way the server builds a strategy; ``name`` is a key of :data:`STRATEGIES`.
+
+    ``private_keys``: state_dict keys the sites keep (``private-parts``); their replies lack them.
+    """
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     kwargs: dict[str, Any] = dict(
@@ -257,4 +365,6 @@ def build_strategy(name: str, parameter_groups: Mapping[str, str], *, min_sites:
         kwargs["proximal_mu"] = proximal_mu
     if name == "fedadam":
         kwargs["eta"] = server_lr
-    return STRATEGIES[name](**kwargs)
+    strategy = STRATEGIES[name](**kwargs)
+    strategy.private_keys = frozenset(private_keys)
+    return strategy

@@ -69,7 +69,7 @@ from fedfusion.common import plugins
 from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema, VisitSpec
 from fedfusion.common.longitudinal import to_long_format
 from fedfusion.common.progress import StepCallback, report
-from fedfusion.common.site_split import TEST_FRACTION, VAL_FRACTION, split_rows
+from fedfusion.common.site_split import split_rows
 from fedfusion.simulations.rendering import Morphometry, nucleus_rng, render_nucleus, save_png
 
 RESERVED_COLUMNS = ("case_id", "site", "split", "label", "time", "event", "image", "omics")
@@ -405,7 +405,11 @@ _LUNG_NUMERIC = ("age", "ph_ecog", "ph_karno", "pat_karno", "meal_cal", "wt_loss
 
 
 def _lung() -> _Built:
-    from lifelines.datasets import load_lung
+    try:
+        from lifelines.datasets import load_lung
+    except ImportError:  # a site install (`fedfusion[site]`) has no lifelines
+        raise DatasetError("data set 'lung' ships inside lifelines (MIT), which is not installed; install it with: "
+                           'pip install "fedfusion[simulation]"') from None
 
     df = load_lung().dropna(subset=["inst"]).reset_index(drop=True)
     df.columns = [c.replace(".", "_") for c in df.columns]

@@ -60,7 +60,10 @@ Study file (TOML; keys are hyphenated like Flower's run config; only ``dataset``
 
 Built-in federated methods are ``fedavg``, ``fedprox``, ``fedadam`` and, because the run config has
 the keys, ``fedavg-dp`` (sample-level DP-SGD at every site, ``target-epsilon = 8``),
-``fedavg-client-dp`` (Flower's client-level DP wrapper) and ``fedavg-secagg`` (secure aggregation).
+``fedavg-client-dp`` (Flower's client-level DP wrapper), ``fedavg-secagg`` (secure aggregation) and the
+personalised ``fedavg-ft`` / ``fedprox-ft`` (each site fine-tunes a copy of the last round's global model, 0..5
+epochs chosen on its validation split; scored as that copy) and ``fedper`` (private heads kept at the sites;
+scored with each site's own head). Personalised methods deliver the last round (``model-selection = "last"``).
 ``schema``, ``run-dir``, ``data-dir``, ``sites``, ``seed`` and ``resume`` belong to the runner. Each
 federated run gets its own privacy-ledger ``study`` key (study name / start time / seed / method),
 so seeds and methods never spend each other's ε budget.
@@ -88,9 +91,10 @@ from pathlib import Path
 from typing import Any
 
 from fedfusion.common.federation_config import DEFAULTS
+from fedfusion.common.personalization import PERSONALIZE_PRESETS
 from fedfusion.common.progress import Step
 from fedfusion.common.training import Predictions
-from fedfusion.simulations.datasets import DATASETS
+from fedfusion.simulations.datasets import dataset_names
 from fedfusion.simulations.partition import PARTITIONS, partition_manifest
 
 BASELINES = ("pooled", "local-only")
@@ -105,10 +109,15 @@ if "dp-mode" in DEFAULTS and "target-epsilon" in DEFAULTS:
     BUILTIN_METHODS["fedavg-client-dp"] = {"strategy": "fedavg", "dp-mode": "client"}
 if "secure-aggregation" in DEFAULTS:
     BUILTIN_METHODS["fedavg-secagg"] = {"strategy": "fedavg", "secure-aggregation": True}
+if "private-parts" in DEFAULTS:  # personalisation (common/personalization.py)
+    BUILTIN_METHODS["fedavg-ft"] = {"strategy": "fedavg", **PERSONALIZE_PRESETS["ft"]}
+    BUILTIN_METHODS["fedprox-ft"] = {"strategy": "fedprox", **PERSONALIZE_PRESETS["ft"]}
+    BUILTIN_METHODS["fedper"] = {"strategy": "fedavg", **PERSONALIZE_PRESETS["fedper"]}
 #: Run-config keys the runner sets for every run; a study may not override them.
 RUNNER_KEYS = frozenset({"schema", "run-dir", "data-dir", "sites", "seed", "resume"})
-_TOP_KEYS = {"name", "dataset", "sites-dir", "seeds", "rounds", "local-epochs", "fusion", "methods", "leave-one-site-out",
-             "unimodal", "ablation", "tabular", "fail-fast", "partition", "training", "run-config", "method"}
+_TOP_KEYS = {"name", "dataset", "sites-dir", "seeds", "rounds", "local-epochs", "fusion", "methods",
+             "leave-one-site-out", "unimodal", "ablation", "tabular", "fail-fast", "partition", "training",
+             "run-config", "method"}
 _TRAINING_KEYS = {"batch-size": int, "lr": float, "baseline-epochs": int, "device": str, "cpus-per-site": int,
                   "gpus-per-site": float}
 
@@ -187,11 +196,12 @@ def parse_study(raw: Mapping[str, Any], source: str = "<study>") -> Study:
     if unknown:
         raise fail(unknown[0], f"is not a study key; expected some of {sorted(_TOP_KEYS)}")
     sites_dir = _sites_dir(raw, source, fail)
+    known = sorted(dataset_names())  # shipped and plug-in data sets
     if "dataset" not in raw and sites_dir is None:
-        raise fail("dataset", f"is required (or 'sites-dir' for your own data); one of {sorted(DATASETS)}")
+        raise fail("dataset", f"is required (or 'sites-dir' for your own data); one of {known}")
     dataset = f"sites-dir {sites_dir}" if sites_dir is not None else _typed(raw, "dataset", str, fail)
-    if sites_dir is None and dataset not in DATASETS:
-        raise fail("dataset", f"= {dataset!r} is not a shipped data set; choose one of {sorted(DATASETS)}")
+    if sites_dir is None and dataset not in known:
+        raise fail("dataset", f"= {dataset!r} is not a shipped data set; choose one of {known}")
     seeds = _seeds(raw.get("seeds", 1), fail)
     rounds = _positive(raw, "rounds", 5, fail)
     local_epochs = _positive(raw, "local-epochs", 2, fail)

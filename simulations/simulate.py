@@ -22,6 +22,7 @@ import torch
 from fedfusion.common.config import ConfigError, ModelConfig, TrainConfig, load_schema
 from fedfusion.common.data import MultimodalDataset, Preprocessor
 from fedfusion.common.manifest import Manifest, load_manifest
+from fedfusion.common.personalization import PERSONALIZE_PRESETS, personal_view
 from fedfusion.common.plots import chance_level, plot_bars
 from fedfusion.common.progress import StepCallback, report
 from fedfusion.common.results import markdown_table, write_json, write_rows
@@ -56,6 +57,7 @@ class SimulationSpec:
     rounds: int = 5
     strategy: str = "fedavg"
     fusion: str = "attention"
+    image_backbone: str = "cnn_small"  # a registered name (plug-ins included) or timm:<model>; image data only
     local_epochs: int = 2
     batch_size: int = 64
     lr: float = 1e-3
@@ -77,6 +79,12 @@ class SimulationSpec:
     ray_address: str = ""
     # Your own data (simulations/user_sites.py): DIR/schema.json + DIR/<site>/manifest.csv instead of `dataset`
     sites_dir: Path | None = None
+    # Experiment tracking (server/tracking.py): "tensorboard", "mlflow" or both; "" = the run-config defaults
+    tracking: str = ""
+    tracking_dir: str = ""
+    mlflow_uri: str = ""
+    # Personalisation (common/personalization.py PERSONALIZE_PRESETS): "" | "ft" (FedAvg+FT) | "fedper"
+    personalize: str = ""
 
 
 def prepare_sites(spec: SimulationSpec) -> tuple[Path, dict[str, Path]]:
@@ -118,12 +126,19 @@ def run_config_for(spec: SimulationSpec, schema_path: Path, sites: dict[str, Pat
         "num-server-rounds": spec.rounds, "strategy": spec.strategy, "min-sites": min(min_sites, total),
         "seed": spec.seed, "schema": str(schema_path), "run-dir": str(spec.out_dir / "federated"),
         "data-dir": str(schema_path.parent), "sites": ",".join(sites), "fusion": spec.fusion,
+        "image-backbone": spec.image_backbone,
         "local-epochs": spec.local_epochs, "local-batch-size": spec.batch_size, "local-lr": spec.lr,
         "local-device": spec.device, "fraction-train": spec.fraction_train,
         "fraction-evaluate": spec.fraction_evaluate,
     }
     if spec.scale_sites > 0:
         config.update({"scale-sites": spec.scale_sites, "scale-rows-per-site": spec.rows_per_site})
+    tracking = {"tracking": spec.tracking, "tracking-dir": spec.tracking_dir, "mlflow-tracking-uri": spec.mlflow_uri}
+    config.update({k: v for k, v in tracking.items() if v})
+    if spec.personalize:
+        if spec.personalize not in PERSONALIZE_PRESETS:
+            raise ConfigError(f"personalize must be one of {sorted(PERSONALIZE_PRESETS)}, got {spec.personalize!r}")
+        config.update(PERSONALIZE_PRESETS[spec.personalize])
     return config
 
 
@@ -156,7 +171,9 @@ def run_simulated_federation(run_config: dict[str, Any], num_sites: int, *, cpus
     from fedfusion.client.app import make_client_app
     from fedfusion.common.secagg.testbed import with_simulation_keys
     from fedfusion.server.app import make_server_app
+    from fedfusion.server.tracking import check_tracking
 
+    check_tracking(run_config)  # a missing extra fails here, not as "ended without a result" inside Flower
     box: dict[str, Any] = {}
     run_config = with_simulation_keys(run_config, num_sites)  # secure rounds: per-site keys and a roster
     server = make_server_app(run_config, on_round=on_round, on_done=lambda r: box.setdefault("result", r))
@@ -186,7 +203,7 @@ def baseline_configs(spec: SimulationSpec) -> tuple[ModelConfig, TrainConfig]:
     """Model and training settings of the pooled and local-only baselines (early stopping on val)."""
     train_cfg = TrainConfig(epochs=spec.baseline_epochs, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
                             device=spec.device)
-    return ModelConfig(fusion=spec.fusion), train_cfg
+    return ModelConfig(fusion=spec.fusion, image_backbone=spec.image_backbone), train_cfg
 
 
 def score_site(model: torch.nn.Module, preprocessor: Preprocessor, manifest: Manifest, device: str = "cpu",
@@ -265,6 +282,12 @@ def simulate(spec: SimulationSpec, on_round: Callable[[dict[str, Any]], None] | 
                if m["phase"] == "evaluate" and m["round"] == 0}
     comparison = [{"site": m["site"], "method": f"federated ({spec.strategy})", metric: m.get(metric, float("nan"))}
                   for m in final]
+    if spec.personalize == "fedper":  # the sites evaluated with their own heads: that is the method's score
+        for row in comparison:
+            row["method"] = f"federated ({spec.strategy}) + private heads"
+    elif spec.personalize == "ft":
+        comparison += [{"site": m["site"], "method": f"federated ({spec.strategy}) + fine-tuning",
+                        metric: personal_view(m, metric)[metric]} for m in final]
     comparison += [{"site": s, "method": "initial model (round 0)", metric: v} for s, v in initial.items()]
     if spec.baselines and spec.scale_sites == 0:
         comparison += run_baselines(spec, schema_path, sites, on_step)
@@ -281,7 +304,8 @@ def write_study_report(spec: SimulationSpec, schema_name: str, metric: str, comp
     sizes = {r["site"]: r for r in site_test_sizes(final_site_metrics(result), metric)}
     table = []
     for site in sites:  # test n / events first: how far each site's numbers can be trusted
-        row: dict[str, Any] = {"site": site, **{k: v for k, v in sizes.get(site, {}).items() if k in ("test n", "events")}}
+        counts = {k: v for k, v in sizes.get(site, {}).items() if k in ("test n", "events")}
+        row: dict[str, Any] = {"site": site, **counts}
         for method in methods:
             values = [r[metric] for r in comparison if r["site"] == site and r["method"] == method]
             row[method] = float(values[0]) if values else float("nan")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +142,8 @@ def test_help_shows_defaults() -> None:
     assert "(default: ovarian)" in text and "(default: natural)" in text and "(default: 5)" in text
 
 
-@pytest.mark.parametrize(("ended_early", "expected"), [("", 0), ("round 2: every site that answered refused to train", 1)])
+@pytest.mark.parametrize(("ended_early", "expected"),
+                         [("", 0), ("round 2: every site that answered refused to train", 1)])
 def test_simulate_exits_non_zero_when_the_federated_run_ended_early(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         ended_early: str, expected: int) -> None:
@@ -162,3 +164,98 @@ def test_simulate_exits_non_zero_when_the_federated_run_ended_early(
     assert code == expected
     err = capsys.readouterr().err
     assert ("ended early" in err) == bool(ended_early)
+
+
+def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    """Every leaf sub-command's parser by its command line ("site check", "simulate", ...)."""
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                found |= _subparsers(child, f"{prefix} {name}".strip())
+    return found or {prefix: parser}
+
+
+def test_every_option_of_every_sub_command_shows_its_default_in_help() -> None:
+    from fedfusion.cli_choices import DefaultsFormatter
+
+    commands = _subparsers(build_parser())
+    assert {"site check", "simulate", "explain", "train-local", "coordinator start", "datasets list"} <= set(commands)
+    missing = []
+    for command, parser in commands.items():
+        formatter = DefaultsFormatter(prog=command)
+        for action in parser._actions:
+            no_default = action.default in (None, False, argparse.SUPPRESS)
+            if not action.option_strings or no_default or action.help == argparse.SUPPRESS:
+                continue
+            text = formatter._get_help_string(action) or ""
+            if "default" not in text:
+                missing.append(f"{command} {action.option_strings[0]}")
+    assert not missing, missing
+
+
+@pytest.mark.parametrize(("command", "flags"), [(["simulate"], ["--dataset", "--fusion", "--strategy"]),
+                                                (["train-local"], ["--fusion", "--backbone"]),
+                                                (["run"], ["--fusion", "--strategy"])])
+def test_help_lists_the_choices_of_registry_options(command: list[str], flags: list[str]) -> None:
+    from fedfusion.common.models import list_fusions, list_image_backbones
+    from fedfusion.simulations.datasets import list_datasets
+
+    parser = _subparsers(build_parser())[" ".join(command)]
+    text = " ".join(parser.format_help().split())
+    expected = {"--dataset": [info.name for info in list_datasets()], "--fusion": list(list_fusions()),
+                "--backbone": [*list_image_backbones(), "timm:<any timm model>"],
+                "--strategy": ["fedavg", "fedprox", "fedadam"]}
+    for flag in flags:
+        options = text.split("options:", 1)[1]  # past the usage line
+        listed = options.split(f"{flag} ", 1)[1].split(" --", 1)[0]  # this option's help, up to the next option
+        for name in expected[flag]:
+            assert name in listed.replace("- ", "-"), (flag, name, listed)  # argparse may break a line after "-"
+
+
+def test_device_defaults_to_auto_in_every_training_command() -> None:
+    """One meaning everywhere: CUDA when available, else CPU (common/training.py pick_device). explain used to
+    default to cpu and crash on "auto" (torch.device("auto")); tests/unit/simulations/test_explain.py's CLI
+    test now runs with the default."""
+    parser = build_parser()
+    for argv in (["simulate"], ["explain", "runs/demo"], ["train-local", "--manifest", "m.csv", "--schema", "s.json"]):
+        assert parser.parse_args(argv).device == "auto", argv
+
+
+def test_version_names_fedfusion_flower_torch_and_python_without_importing_them() -> None:
+    import importlib.metadata as md
+    import platform
+
+    probe = ("import sys\nfrom fedfusion.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n"
+             "    code = e.code\nprint(code, sorted(m for m in ('torch', 'flwr', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    line, exit_line = done.stdout.strip().splitlines()
+    assert line == (f"fedfusion {md.version('fedfusion')} (Flower {md.version('flwr')}, torch {md.version('torch')}, "
+                    f"Python {platform.python_version()})")
+    assert exit_line == "0 []"  # exit 0, and nothing heavy was imported to answer
+
+
+def test_datasets_list_shows_each_data_sets_licence(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from fedfusion.simulations.datasets import list_datasets
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row: rich folds cells at the terminal width
+    assert main(["datasets", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "licence" in out
+    for info in list_datasets():
+        row = next(line for line in out.splitlines() if f" {info.name} " in line)
+        assert info.licence in row, (info.name, row)
+
+
+def test_simulate_with_a_split_the_data_set_cannot_take_is_one_line_and_exit_2(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """wdbc has no natural sites: the default --partition natural must say so, not print a traceback."""
+    out = tmp_path / "run"
+    assert main(["simulate", "--dataset", "wdbc-multimodal", "--rounds", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data set 'wdbc-multimodal' has no natural site column")
+    assert "--partition" in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not (out / "model.pt").exists()

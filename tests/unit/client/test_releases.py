@@ -51,6 +51,34 @@ def test_a_release_is_kept_per_site_and_study_and_found_only_for_the_same_reques
     assert store.get("A", "study", other_round) is None
 
 
+def test_releases_are_kept_in_our_own_format_and_come_back_identical(tmp_path: Path) -> None:
+    from fedfusion.client.releases import RELEASE_FORMAT
+
+    content = RecordDict({
+        "arrays": ArrayRecord({"b": Array(np.arange(3, dtype=np.int64)),
+                               "a": Array(np.asfortranarray(np.full((2, 3), 0.5, dtype=np.float32)))}),
+        "metrics": MetricRecord({"num-examples": 12, "loss": float("nan"), "per-class": [0.25, 1.0]}),
+        "site": ConfigRecord({"site-id": "A", "signature": b"\x00\xff{", "flags": [True, False],
+                              "shards": [b"x", b"y"], "weight": 1.0, "count": 1}),
+    })
+    store = ReleaseStore(tmp_path)
+    path = store.put("A", "study", "k", content)
+    with np.load(path, allow_pickle=False) as stored:
+        assert bytes(stored["format"]).decode() == RELEASE_FORMAT and "root" not in stored.files
+    again = store.get("A", "study", "k")
+    assert again is not None and again.object_id == content.object_id  # the very same Flower content
+    assert list(again["arrays"].keys()) == ["b", "a"]
+    site = again["site"]
+    assert site["signature"] == b"\x00\xff{" and site["flags"] == [True, False] and site["shards"] == [b"x", b"y"]
+    assert isinstance(site["weight"], float) and isinstance(site["count"], int)
+    # A file of another (future) format is not guessed at: it is no release, and the round trains afresh.
+    with np.load(path, allow_pickle=False) as stored:
+        entries = {name: stored[name] for name in stored.files}
+    entries["format"] = np.frombuffer(b"fedfusion-release/99", dtype=np.uint8)
+    np.savez(path, **entries)
+    assert store.get("A", "study", "k") is None
+
+
 class _CoordinatorCrash(RuntimeError):
     pass
 

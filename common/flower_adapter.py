@@ -1,0 +1,95 @@
+"""The one place fedfusion touches Flower internals shared by the site and the coordinator.
+
+Why: Flower's public API (``flwr.app``, ``flwr.clientapp``, ``flwr.clientapp.mod``, ``flwr.serverapp``,
+``flwr.serverapp.strategy``, ``flwr.simulation`` and the legacy top-level ``flwr.client``/``flwr.server``/
+``flwr.common`` names) is stable across releases; its internals (``flwr.supercore``, ``flwr.supernode``,
+``flwr.cli``, ``flwr.common.<submodule>``, private methods) move between minor releases without notice.
+Every internal name we use is imported here (or, for the site's ClientApp task runtime, in
+:mod:`fedfusion.client.flower_runtime`), each with a canary in ``tests/unit/test_flower_canaries.py``,
+and ``tests/unit/test_flower_canaries.py::test_no_module_outside_the_adapters_uses_flower_internals``
+keeps it that way. An upgrade then means: bump :data:`VERIFIED_FLOWER`, run the canaries, fix only
+these two modules.
+
+:func:`check_flower_version` runs when the ClientApp, the ServerApp, the site daemon and the coordinator
+start: an unverified Flower is refused with one clear line instead of failing later inside a round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from importlib import metadata
+
+from flwr.app import Context, Message
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+#: The Flower releases whose internals the adapters and their canaries were checked against.
+VERIFIED_FLOWER = ">=1.41,<1.42"
+#: Set to ``1`` to run on an unverified Flower anyway (a warning is logged); for trying an upgrade.
+ALLOW_UNVERIFIED_ENV = "FEDFUSION_ALLOW_UNVERIFIED_FLOWER"
+
+_log = logging.getLogger("fedfusion.flower")
+
+
+class UnverifiedFlowerError(RuntimeError):
+    """The installed Flower is outside :data:`VERIFIED_FLOWER` and no override was given."""
+
+
+def installed_flower_version() -> str:
+    """The installed ``flwr`` distribution's version (from its metadata: importing Flower is not needed)."""
+    return metadata.version("flwr")
+
+
+def unverified_message(component: str, installed: str) -> str:
+    """One line naming what runs, the installed and the verified Flower versions, and the two ways out."""
+    return (f"{component}: Flower {installed} is installed but fedfusion is verified only with "
+            f"flwr{VERIFIED_FLOWER} (it relies on Flower internals, see fedfusion/common/flower_adapter.py); "
+            f"install 'flwr==1.41.*', or set {ALLOW_UNVERIFIED_ENV}=1 to run anyway at your own risk")
+
+
+def is_verified(version: str) -> bool:
+    """Whether ``version`` lies in :data:`VERIFIED_FLOWER` (a 1.41.x pre-release counts; 1.42.0rc1 does not)."""
+    try:
+        return SpecifierSet(VERIFIED_FLOWER, prereleases=True).contains(Version(version))
+    except InvalidVersion:
+        return False
+
+
+def check_flower_version(component: str = "fedfusion", *, installed: str | None = None,
+                         environ: Mapping[str, str] | None = None) -> str:
+    """Refuse to start ``component`` on an unverified Flower; return the installed version.
+
+    With ``FEDFUSION_ALLOW_UNVERIFIED_FLOWER=1`` it warns (``RuntimeWarning`` and the log) and goes on.
+    """
+    version = installed if installed is not None else installed_flower_version()
+    if is_verified(version):
+        return version
+    message = unverified_message(component, version)
+    if (environ if environ is not None else os.environ).get(ALLOW_UNVERIFIED_ENV, "").strip() == "1":
+        _log.warning("%s (allowed by %s=1)", message, ALLOW_UNVERIFIED_ENV)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        return version
+    raise UnverifiedFlowerError(message)
+
+
+try:  # Internal names: a Flower that moved one fails here with the version line, not a bare ImportError.
+    from flwr.common.constant import ErrorCode
+    from flwr.serverapp.exception import InconsistentMessageReplies
+    from flwr.supercore import log as flower_log
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+except ImportError as _missing:  # pragma: no cover - only on an unverified Flower
+    raise ImportError(f"{unverified_message('fedfusion', installed_flower_version())} ({_missing})") from _missing
+
+# Our own aliases: Flower's (``flwr.clientapp.typing``) are not part of its documented API. A canary checks
+# they still equal Flower's, so a mod written against them still fits ``ClientApp(mods=[...])``.
+ClientAppCallable = Callable[[Message, Context], Message]
+Mod = Callable[[Message, Context, ClientAppCallable], Message]
+
+__all__ = [
+    "ALLOW_UNVERIFIED_ENV", "ClientAppCallable", "ErrorCode", "InconsistentMessageReplies", "KEY_CLIPPING_NORM", "Mod",
+    "UnverifiedFlowerError", "VERIFIED_FLOWER", "check_flower_version", "flower_log", "installed_flower_version",
+    "is_verified", "unverified_message",
+]
