@@ -90,3 +90,13 @@ def test_device_pick_and_seeding() -> None:
     a = torch.rand(3)
     seed_everything(3)
     assert torch.equal(a, torch.rand(3))
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_loaders_pin_memory_exactly_when_a_gpu_is_present(cuda: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pinned batches make the non_blocking host-to-GPU copies asynchronous; on a CPU-only host pinning
+    would only cost page-locked memory."""
+    from fedfusion.common.training import make_loader
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert make_loader(list(range(8)), 4, shuffle=False).pin_memory is cuda
