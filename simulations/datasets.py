@@ -58,6 +58,7 @@ from __future__ import annotations
 import importlib
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,7 +243,9 @@ def _require(module: str, dataset: str) -> object:
 
 def _survset(name: str, dataset: str) -> pd.DataFrame:
     survset_data = _require("SurvSet.data", dataset)
-    return survset_data.SurvLoader().load_dataset(name)["df"]  # type: ignore[attr-defined]
+    with warnings.catch_warnings():  # SurvSet unpickles through numpy.core (renamed in NumPy 2): not the user's concern
+        warnings.filterwarnings("ignore", message=r"numpy\.core\.numeric is deprecated", category=DeprecationWarning)
+        return survset_data.SurvLoader().load_dataset(name)["df"]  # type: ignore[attr-defined]
 
 
 def _categorical(values: pd.Series, mapping: dict[object, str]) -> pd.Series:
