@@ -19,6 +19,15 @@ the site evaluates; nothing of it is kept or sent, only its test metrics (``pers
 the same release rule as every evaluation metric (:mod:`fedfusion.client.eval_release`). With sample-level
 DP those metrics are, like all evaluation metrics, outside the training ε (the fine-tuning itself is not
 DP-SGD: its model never leaves the site).
+
+Ditto (``ditto-lambda``): each site keeps a whole personal model v_k in a second store file beside the
+private parts' one (same keying, same per-round entries, so a resume and a retried round continue exactly).
+After the round's normal training (untouched: the update sent is bit-for-bit what it is without Ditto),
+:func:`train_personal` trains v_k from its previous round's value with λ/2·||v_k − w||² toward the global
+model w the round delivered. v_k is never sent; its test metrics leave as ``personal_*`` at every
+evaluation, under the evaluation release rule. With ``dp-mode = "sample"`` v_k is trained without DP-SGD and
+charges nothing: it is never released and the released update does not depend on it, so the ledger's ε
+still covers everything that leaves except evaluation metrics (which it never covers).
 """
 
 from __future__ import annotations
@@ -68,11 +77,17 @@ class PrivatePartStore:
         self.path = Path(path)
 
     @classmethod
-    def in_folder(cls, folder: str | Path, site_id: str, study: str, config_hash: str) -> PrivatePartStore:
-        """The store of ``site_id`` for a study and run configuration, in the site's state folder."""
-        digest = hashlib.sha256(f"{site_id}\0{study}\0{config_hash}".encode()).hexdigest()[:16]
+    def in_folder(cls, folder: str | Path, site_id: str, study: str, config_hash: str,
+                  kind: str = "private") -> PrivatePartStore:
+        """The store of ``site_id`` for a study and run configuration, in the site's state folder.
+
+        ``kind``: ``"private"`` (private parts) or ``"ditto"`` (the whole personal model), one file each.
+        """
+        tag = "" if kind == "private" else f"\0{kind}"
+        digest = hashlib.sha256(f"{site_id}\0{study}\0{config_hash}{tag}".encode()).hexdigest()[:16]
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", site_id)[:40]
-        return cls(Path(folder) / "personal-state" / f"{safe}-{digest}.npz")
+        name = f"{safe}-{digest}.npz" if kind == "private" else f"{safe}-{kind}-{digest}.npz"
+        return cls(Path(folder) / "personal-state" / name)
 
     def _read(self) -> dict[int, dict[str, np.ndarray]]:
         if not self.path.is_file():
@@ -177,36 +192,104 @@ def fine_tune(model: torch.nn.Module, site: SiteRuntime, cfg: TrainConfig, max_e
     return tuned, best_epochs
 
 
-def personal_metrics(metrics: Mapping[str, float], epochs: int) -> dict[str, float]:
-    """The fine-tuned model's test metrics as ``personal_*`` keys (counts and validation scores left out:
-    the counts equal the global model's, and the validation split chose the epochs, so its scores are biased)."""
+def personal_metrics(metrics: Mapping[str, float], epochs: int | None) -> dict[str, float]:
+    """The personal model's test metrics as ``personal_*`` keys (counts and validation scores left out:
+    the counts equal the global model's, and the validation split chose the epochs, so its scores are biased).
+    ``epochs``: the fine-tuning epochs chosen (FedAvg+FT); None for Ditto, which has none to report."""
     out = {f"{PERSONAL_PREFIX}{k}": float(v) for k, v in metrics.items()
            if k not in (NUM_EXAMPLES, VAL_COUNT_KEY, "n", "events") and not k.startswith(VAL_PREFIX)}
-    out[PERSONAL_EPOCHS_KEY] = float(epochs)
+    if epochs is not None:
+        out[PERSONAL_EPOCHS_KEY] = float(epochs)
     return out
+
+
+class _TowardGlobal(LossFunction):
+    """The task loss plus Ditto's λ/2·||v − w||² over v's trainable parameters, w fixed (the delivered model)."""
+
+    def __init__(self, base: LossFunction, personal: torch.nn.Module, global_model: torch.nn.Module,
+                 lam: float) -> None:
+        super().__init__(base.schema, base.class_weights)
+        anchor = dict(global_model.named_parameters())
+        self.pairs = [(p, anchor[name].detach()) for name, p in personal.named_parameters() if p.requires_grad]
+        self.lam = lam
+
+    def __call__(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = super().__call__(outputs, batch)
+        pull = sum(((p - w.to(p.device)) ** 2).sum() for p, w in self.pairs)
+        return loss + 0.5 * self.lam * pull
+
+
+def train_personal(personal: torch.nn.Module, global_model: torch.nn.Module, site: SiteRuntime, cfg: TrainConfig,
+                   lam: float, server_round: int) -> float:
+    """Ditto's personal step: ``cfg.epochs`` epochs of ``personal`` (in place) on the site's train split,
+    pulled toward ``global_model`` (left unchanged) by λ/2·||v − w||²; returns the last epoch's mean loss.
+
+    Seeded by (seed, round, site) like a train round but with its own offset, so it neither repeats the
+    global update's batches nor disturbs its randomness (it runs after that update is computed).
+    """
+    seed_everything(cfg.seed * 1_000_003 + server_round * 1_009 + site.seed_offset + 13)
+    weights = None
+    if site.schema.has_classification and cfg.class_weighted:
+        weights = class_weights_for(site.train_set.labels, site.schema.num_classes)
+    global_model.to(site.device)
+    loss_fn = _TowardGlobal(LossFunction(site.schema, weights), personal.to(site.device), global_model, lam)
+    loader = make_loader(site.train_set, cfg.batch_size, shuffle=True,
+                         seed=cfg.seed + server_round * 7919 + site.seed_offset + 2)
+    optimizer = make_optimizer(personal, cfg, **round_schedule(cfg, server_round))
+    try:
+        losses = train_epochs(personal, loader, optimizer, loss_fn, cfg.epochs, site.device,
+                              start_epoch=(server_round - 1) * cfg.epochs)
+    finally:
+        personal.to("cpu")
+        global_model.to("cpu")
+    return losses[-1] if losses else math.nan
 
 
 class SitePersonalization:
     """What the ClientApp's handlers call: the run's personalisation settings bound to one site's store."""
 
-    def __init__(self, cfg: FederationConfig, site: SiteRuntime, store: PrivatePartStore | None):
-        self.cfg, self.site, self.store = cfg, site, store
+    def __init__(self, cfg: FederationConfig, site: SiteRuntime, store: PrivatePartStore | None,
+                 ditto: PrivatePartStore | None = None):
+        self.cfg, self.site, self.store, self.ditto = cfg, site, store, ditto
         self.parts = cfg.personal.private_parts
+        self._delivered: torch.nn.Module | None = None  # Ditto: this round's global model, as it arrived
 
     @classmethod
     def for_site(cls, cfg: FederationConfig, site: SiteRuntime, node_config: Mapping[str, Any],
                  run_config: Mapping[str, Any]) -> SitePersonalization:
         """The site's store lives in its state folder: the folder of its privacy ledger."""
-        store = None
-        if cfg.personal.private_parts:
+        store = ditto = None
+        if cfg.personal.private_parts or cfg.personal.ditto_lambda > 0:
             folder = Path(site_policy(node_config, run_config, site.site_id).ledger).parent
-            store = PrivatePartStore.in_folder(folder, site.site_id, study_name(cfg, site.schema), cfg.config_hash())
-        return cls(cfg, site, store)
+            key = (folder, site.site_id, study_name(cfg, site.schema), cfg.config_hash())
+            if cfg.personal.private_parts:
+                store = PrivatePartStore.in_folder(*key)
+            if cfg.personal.ditto_lambda > 0:
+                ditto = PrivatePartStore.in_folder(*key, kind="ditto")
+        return cls(cfg, site, store, ditto)
 
     def before_training(self, model: torch.nn.Module, server_round: int) -> None:
-        """Round ``server_round`` trains from this site's private part of the previous round it trained."""
+        """Round ``server_round`` trains from this site's private part of the previous round it trained;
+        Ditto keeps a copy of the delivered global model (its personal model's anchor)."""
         if self.store is not None and (found := self.store.latest(before=server_round)) is not None:
             load_private(model, found[1])
+        if self.ditto is not None:
+            self._delivered = copy.deepcopy(model)
+
+    def after_training(self, server_round: int) -> None:
+        """Ditto: train the site's personal model (from its newest earlier round, else from the delivered
+        global model) toward this round's global model, and keep it; nothing of it is sent or charged."""
+        if self.ditto is None or self._delivered is None:
+            return
+        personal = copy.deepcopy(self._delivered)
+        if (found := self.ditto.latest(before=server_round)) is not None:
+            load_private(personal, found[1])
+        loss = train_personal(personal, self._delivered, self.site, self.cfg.train, self.cfg.personal.ditto_lambda,
+                              server_round)
+        self.ditto.save(server_round, {k: v.detach().cpu().numpy().copy() for k, v in personal.state_dict().items()})
+        log.info("site %s, round %d: trained its Ditto personal model (λ %g, last epoch loss %.4f); kept at the site",
+                 self.site.site_id, server_round, self.cfg.personal.ditto_lambda, loss)
+        self._delivered = None
 
     def reply_arrays(self, model: torch.nn.Module, server_round: int) -> ArrayRecord:
         """Keep the private part (on disk before anything leaves), send the shared part only."""
@@ -224,8 +307,20 @@ class SitePersonalization:
         """Fine-tune at the run's last round only (cost: N epochs at every site, once)."""
         return self.cfg.personal.finetune_epochs > 0 and server_round == self.cfg.num_rounds
 
+    def personal_due(self, server_round: int) -> bool:
+        """Whether this evaluation also reports ``personal_*``: FedAvg+FT at the last round; Ditto at every
+        round once the site holds a personal model (one evaluation pass: cheap, and it gives curves)."""
+        if self.ditto is not None:
+            return self.ditto.latest(upto=server_round) is not None
+        return self.finetune_due(server_round)
+
     def personal_evaluation(self, model: torch.nn.Module, server_round: int) -> dict[str, float]:
-        """``personal_*`` test metrics of a fine-tuned copy of ``model`` (nothing of the copy is kept)."""
+        """``personal_*`` test metrics of the site's personal model: its Ditto model (newest up to this
+        round), else a fine-tuned copy of ``model`` (nothing of the copy is kept)."""
+        if self.ditto is not None and (found := self.ditto.latest(upto=server_round)) is not None:
+            personal = copy.deepcopy(model)
+            load_private(personal, found[1])
+            return personal_metrics(self.site.evaluate(personal), None)
         tuned, epochs = fine_tune(model, self.site, self.cfg.train, self.cfg.personal.finetune_epochs, server_round)
         log.info("site %s, round %d: fine-tuned a copy for %d of %d epochs (chosen on validation)",
                  self.site.site_id, server_round, epochs, self.cfg.personal.finetune_epochs)

@@ -13,6 +13,12 @@ Two composable pieces, chosen in the run config (``docs/experiments.md``, "Perso
   pick the epoch count 0..N on its validation split, and report that model's test metrics under
   ``personal_*`` names. Only the last round: fine-tuning every round would cost N extra epochs per
   round at every site for numbers nobody reads.
+- ``ditto-lambda`` (Ditto, Li et al. 2021): > 0 makes each site keep a whole personal model v_k of its own,
+  trained every round for ``local-epochs`` epochs on its train split with the proximal term
+  λ/2·||v_k − w||² toward the global model w the round delivered. The global update the site sends is
+  computed exactly as without Ditto (v_k plays no part in it); v_k is kept at the site like private parts
+  and its test metrics are reported every round as ``personal_*``. It is an alternative to the other two
+  (both would also fill ``personal_*``), so combining them is refused.
 
 "Norm" (FedBN-style private normalisation layers) is not offered: the model's normalisation layers are
 GroupNorm/LayerNorm *inside* the encoders, with no running statistics; they are no group of their own.
@@ -28,6 +34,7 @@ from fedfusion.common.config import ConfigError, is_modality
 
 PRIVATE_PARTS_KEY = "private-parts"
 FINETUNE_EPOCHS_KEY = "personal-finetune-epochs"
+DITTO_LAMBDA_KEY = "ditto-lambda"
 #: Evaluate-reply metrics of the fine-tuned model carry this prefix (``personal_c_index``, ...).
 PERSONAL_PREFIX = "personal_"
 #: Evaluate-reply metric: the fine-tuning epochs the site's validation split chose (0..N).
@@ -40,10 +47,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Personalization:
-    """Parsed ``private-parts`` and ``personal-finetune-epochs``; the defaults change nothing."""
+    """Parsed ``private-parts``, ``personal-finetune-epochs`` and ``ditto-lambda``; the defaults change nothing."""
 
     private_parts: tuple[str, ...] = ()
     finetune_epochs: int = 0
+    ditto_lambda: float = 0.0
+
+    @property
+    def reports_personal(self) -> bool:
+        """True when the sites report a personal model's metrics as ``personal_*`` (FedAvg+FT or Ditto)."""
+        return self.finetune_epochs > 0 or self.ditto_lambda > 0
 
     @classmethod
     def from_run_config(cls, flat: Mapping[str, Any]) -> Personalization:
@@ -56,7 +69,14 @@ class Personalization:
         epochs = int(flat.get(FINETUNE_EPOCHS_KEY, 0) or 0)
         if epochs < 0:
             raise ConfigError(f"run config: {FINETUNE_EPOCHS_KEY} must be >= 0, got {epochs}")
-        return cls(private_parts=parts, finetune_epochs=epochs)
+        ditto = float(flat.get(DITTO_LAMBDA_KEY, 0.0) or 0.0)
+        if not ditto >= 0 or ditto == float("inf"):
+            raise ConfigError(f"run config: {DITTO_LAMBDA_KEY} must be a finite number >= 0, got {ditto}")
+        if ditto > 0 and (parts or epochs):
+            other = PRIVATE_PARTS_KEY if parts else FINETUNE_EPOCHS_KEY
+            raise ConfigError(f"run config: {DITTO_LAMBDA_KEY} > 0 (Ditto) does not combine with {other}: each is a "
+                              "personalisation method of its own; set one of them")
+        return cls(private_parts=parts, finetune_epochs=epochs, ditto_lambda=ditto)
 
 
 def private_keys(names: Iterable[str], parts: Iterable[str]) -> frozenset[str]:
@@ -95,17 +115,19 @@ def private_part(arrays: Mapping[str, T], parts: Iterable[str]) -> dict[str, T]:
 
 #: ``fedfusion simulate --personalize NAME`` and the experiment's built-in personalised methods: run-config
 #: overrides. The last round is delivered (``model-selection = "last"``): fine-tuning runs at the last round,
-#: and a site's private head is the one of its last round, so "best validation round" would score a model
-#: whose personal part no site holds any more.
+#: and a site's private head (or Ditto model) is the one of its last round, so "best validation round" would
+#: score a model whose personal part no site holds any more.
 PERSONALIZE_PRESETS: dict[str, dict[str, Any]] = {
     "ft": {FINETUNE_EPOCHS_KEY: 5, "model-selection": "last"},
     "fedper": {PRIVATE_PARTS_KEY: "head", "model-selection": "last"},
+    # λ = 0.1: in the middle of the paper's grid {0.01, 0.1, 1, 2}; a study can try others as [method.NAME]
+    "ditto": {DITTO_LAMBDA_KEY: 0.1, "model-selection": "last"},
 }
 
 
 def personal_view(metrics: Mapping[str, Any], metric: str) -> dict[str, Any]:
-    """A site's evaluate row as a FedAvg+FT result: ``metric`` is the fine-tuned copy's (NaN when the site
-    reported none), the global model's moves to ``global_<metric>``."""
+    """A site's evaluate row as a FedAvg+FT or Ditto result: ``metric`` is the personal model's (NaN when the
+    site reported none), the global model's moves to ``global_<metric>``."""
     out = dict(metrics)
     out[f"global_{metric}"] = metrics.get(metric, float("nan"))
     out[metric] = metrics.get(f"{PERSONAL_PREFIX}{metric}", float("nan"))

@@ -771,9 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="accept simulated sites whose training rows hold one class (untruncated label skew)")
     sim.add_argument("--rounds", type=int, default=5)
     sim.add_argument("--strategy", default="fedavg", choices=["fedavg", "fedprox", "fedadam"])
-    sim.add_argument("--personalize", default=None, choices=["ft", "fedper"],
+    sim.add_argument("--personalize", default=None, choices=["ft", "fedper", "ditto"],
                      help="ft: each site also scores a fine-tuned copy of the last round's model; fedper: private "
-                          "heads kept at the sites (docs/experiments.md, Personalisation)")
+                          "heads kept at the sites; ditto: each site also trains its own model pulled toward the "
+                          "global one (λ 0.1) (docs/experiments.md, Personalisation)")
     sim.add_argument("--fusion", default="attention")
     sim.add_argument("--backbone", default="cnn_small",
                      help="image backbone: a registered name (plug-ins too, `fedfusion plugins`) or timm:<model>")

@@ -62,8 +62,12 @@ Built-in federated methods are ``fedavg``, ``fedprox``, ``fedadam`` and, because
 the keys, ``fedavg-dp`` (sample-level DP-SGD at every site, ``target-epsilon = 8``),
 ``fedavg-client-dp`` (Flower's client-level DP wrapper), ``fedavg-secagg`` (secure aggregation) and the
 personalised ``fedavg-ft`` / ``fedprox-ft`` (each site fine-tunes a copy of the last round's global model, 0..5
-epochs chosen on its validation split; scored as that copy) and ``fedper`` (private heads kept at the sites;
-scored with each site's own head). Personalised methods deliver the last round (``model-selection = "last"``).
+epochs chosen on its validation split; scored as that copy), ``fedper`` (private heads kept at the sites;
+scored with each site's own head) and ``ditto`` (each site's own model, λ = 0.1; scored as that model).
+Personalised methods deliver the last round (``model-selection = "last"``). ``fedprox-tuned`` runs FedProx
+once per μ of ``fedprox-mu-grid = [0.001, 0.01, 0.1]`` (a top-level study key) and keeps the μ whose
+delivered model has the best validation score, weighted by the sites' validation sizes (never test);
+the report's notes name the μ chosen in each seed, and its unimodal / leave-one-site-out runs use it.
 ``schema``, ``run-dir``, ``data-dir``, ``sites``, ``seed`` and ``resume`` belong to the runner. Each
 federated run gets its own privacy-ledger ``study`` key (study name / start time / seed / method),
 so seeds and methods never spend each other's ε budget.
@@ -113,11 +117,19 @@ if "private-parts" in DEFAULTS:  # personalisation (common/personalization.py)
     BUILTIN_METHODS["fedavg-ft"] = {"strategy": "fedavg", **PERSONALIZE_PRESETS["ft"]}
     BUILTIN_METHODS["fedprox-ft"] = {"strategy": "fedprox", **PERSONALIZE_PRESETS["ft"]}
     BUILTIN_METHODS["fedper"] = {"strategy": "fedavg", **PERSONALIZE_PRESETS["fedper"]}
+if "ditto-lambda" in DEFAULTS:
+    BUILTIN_METHODS["ditto"] = {"strategy": "fedavg", **PERSONALIZE_PRESETS["ditto"]}
+#: Built-in methods that run once per value of one run-config key and keep the value whose delivered model
+#: scores best on the sites' validation splits (simulations/tuning.py): name -> (key, study key, default grid).
+TUNED_METHODS: dict[str, tuple[str, str, tuple[float, ...]]] = {
+    "fedprox-tuned": ("proximal-mu", "fedprox-mu-grid", (0.001, 0.01, 0.1)),
+}
+BUILTIN_METHODS["fedprox-tuned"] = {"strategy": "fedprox"}
 #: Run-config keys the runner sets for every run; a study may not override them.
 RUNNER_KEYS = frozenset({"schema", "run-dir", "data-dir", "sites", "seed", "resume"})
 _TOP_KEYS = {"name", "dataset", "sites-dir", "seeds", "rounds", "local-epochs", "fusion", "methods",
              "leave-one-site-out", "unimodal", "ablation", "tabular", "fail-fast", "partition", "training",
-             "run-config", "method"}
+             "run-config", "method", *(study_key for _, study_key, _ in TUNED_METHODS.values())}
 _TRAINING_KEYS = {"batch-size": int, "lr": float, "baseline-epochs": int, "device": str, "cpus-per-site": int,
                   "gpus-per-site": float}
 
@@ -133,6 +145,9 @@ class Method:
     name: str
     kind: str  # "pooled" | "local-only" | "federated"
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    #: A tuned method (``fedprox-tuned``): one federation per value of ``tune_key``; the best on validation is kept.
+    tune_key: str = ""
+    tune_values: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -387,12 +402,29 @@ def _methods(raw: Mapping[str, Any], fail: Callable[[str, str], StudyError]) -> 
                 raise fail(f"method.{name}", f"must be a table of run-config overrides, got {table!r}")
             overrides = {"strategy": "fedavg", **_run_config(table, f"method.{name}", fail)}
             out.append(Method(name, "federated", overrides))
+        elif name in TUNED_METHODS:
+            key, study_key, grid = TUNED_METHODS[name]
+            out.append(Method(name, "federated", dict(BUILTIN_METHODS[name]), tune_key=key,
+                              tune_values=_grid(raw.get(study_key, list(grid)), study_key, fail)))
         elif name in BUILTIN_METHODS:
             out.append(Method(name, "federated", dict(BUILTIN_METHODS[name])))
         else:
             raise fail("methods", f"names {name!r}, which is neither built in ({[*BASELINES, *BUILTIN_METHODS]}) "
                                   f"nor defined in a [method.{name}] table")
+    for name, (_, study_key, _) in TUNED_METHODS.items():
+        if study_key in raw and name not in names:
+            raise fail(study_key, f"is set but '{name}' is not in 'methods'; add it there or remove the key")
     return tuple(out)
+
+
+def _grid(value: Any, key: str, fail: Callable[[str, str], StudyError]) -> tuple[float, ...]:
+    """A tuned method's grid: a non-empty list of distinct positive numbers (TOML may write 1 for 1.0)."""
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf for v in value)):
+        raise fail(key, f"must be a non-empty list of positive numbers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise fail(key, f"lists a value twice: {value}")
+    return tuple(float(v) for v in value)
 
 
 # ----------------------------------------------------------------------------------- running

@@ -83,7 +83,7 @@ class SimulationSpec:
     tracking: str = ""
     tracking_dir: str = ""
     mlflow_uri: str = ""
-    # Personalisation (common/personalization.py PERSONALIZE_PRESETS): "" | "ft" (FedAvg+FT) | "fedper"
+    # Personalisation (common/personalization.py PERSONALIZE_PRESETS): "" | "ft" (FedAvg+FT) | "fedper" | "ditto"
     personalize: str = ""
 
 
@@ -285,8 +285,9 @@ def simulate(spec: SimulationSpec, on_round: Callable[[dict[str, Any]], None] | 
     if spec.personalize == "fedper":  # the sites evaluated with their own heads: that is the method's score
         for row in comparison:
             row["method"] = f"federated ({spec.strategy}) + private heads"
-    elif spec.personalize == "ft":
-        comparison += [{"site": m["site"], "method": f"federated ({spec.strategy}) + fine-tuning",
+    elif spec.personalize in ("ft", "ditto"):
+        label = "fine-tuning" if spec.personalize == "ft" else "Ditto personal models"
+        comparison += [{"site": m["site"], "method": f"federated ({spec.strategy}) + {label}",
                         metric: personal_view(m, metric)[metric]} for m in final]
     comparison += [{"site": s, "method": "initial model (round 0)", metric: v} for s, v in initial.items()]
     if spec.baselines and spec.scale_sites == 0:

@@ -53,6 +53,7 @@ from fedfusion.simulations.simulate import (
     score_site,
 )
 from fedfusion.simulations.study_statistics import case_counts
+from fedfusion.simulations.tuning import TunedChoice, run_tuned, with_choice
 
 log = logging.getLogger("fedfusion.experiment")
 
@@ -72,6 +73,7 @@ class SeedRun:
                                    cpus_per_site=study.cpus_per_site, gpus_per_site=study.gpus_per_site,
                                    partition_options=dict(study.partition_options))
         self.done, self.steps = 0, 1
+        self.chosen: dict[str, TunedChoice] = {}  # tuned methods (fedprox-tuned): the value kept in this seed
 
     # -- plumbing
 
@@ -225,21 +227,33 @@ class SeedRun:
             self.record.notes.append(f"{where}: {result.ended_early}")
 
     def run_federated(self, method: Method) -> None:
-        result, run_dir = self.federate(method, method.name, self.schema_path, self.sites)
+        extra: dict[str, Any] = {}
+        if method.tune_values:  # one run per value; the one best on validation is the method's result
+            def one_run(fixed: Method, tag: str) -> tuple[Any, Path]:
+                return self.federate(fixed, tag, self.schema_path, self.sites)
+
+            choice, result, run_dir = run_tuned(method, one_run, lambda r: list(_final_metrics(r).values()),
+                                                self.metric)
+            self.chosen[method.name] = choice
+            self.record.notes.append(choice.describe(f"seed {self.seed}, {method.name}", self.metric))
+            extra = {f"chosen_{choice.key.replace('-', '_')}": float(choice.value)}
+        else:
+            result, run_dir = self.federate(method, method.name, self.schema_path, self.sites)
         self.add_rounds(method.name, result)
-        model = _load_model(run_dir / "model.pt")
         personal = Personalization.from_run_config({**self.study.run_config, **method.overrides})
+        own_models = personal.reports_personal or bool(personal.private_parts)
+        model = None if own_models else _load_model(run_dir / "model.pt")  # personalised: not the scored model
         for site, metrics in _final_metrics(result).items():
-            if personal.finetune_epochs or personal.private_parts:
-                # scored as each site's own model (its fine-tuned copy / its private head); model.pt is
-                # not that model, so no predictions or test-time ablation from it
-                row = personal_view(metrics, self.metric) if personal.finetune_epochs else metrics
-                self.add(method.name, "federated", site, row, self.schema.modalities)
+            if model is None:
+                # scored as each site's own model (its fine-tuned copy / Ditto model / private head); model.pt
+                # is not that model, so no predictions or test-time ablation from it
+                row = personal_view(metrics, self.metric) if personal.reports_personal else metrics
+                self.add(method.name, "federated", site, row, self.schema.modalities, **extra)
                 continue
             manifest = self.manifests[site]
             pre = Preprocessor.fit(manifest)  # what the site itself standardises with
             pred = score_site(model, pre, manifest, self.study.device)
-            self.add(method.name, "federated", site, metrics, self.schema.modalities, pred)
+            self.add(method.name, "federated", site, metrics, self.schema.modalities, pred, **extra)
             self.ablate(method.name, model, pre, site, manifest)
 
     def add_rounds(self, method: str, result: Any) -> None:
@@ -272,6 +286,7 @@ class SeedRun:
 
     def run_variant(self, method: Method, keep: tuple[str, ...]) -> None:
         """The same method on a subset of modalities (unimodal baseline / trained ablation)."""
+        method = with_choice(method, self.chosen.get(method.name))  # a tuned method: its value of this seed
         tag = _variant_tag(keep, self.schema.modalities)
         label = f"{method.name} [{_variant_label(keep, self.schema.modalities)}]"
         schema_path, sites, skipped = write_modality_subset(self.schema, self.schema_path.parent, self.sites, keep,
@@ -305,6 +320,7 @@ class SeedRun:
 
     def run_held_out(self, method: Method, held_out: str) -> None:
         """Train on every site but ``held_out``; score on the held-out site's test split."""
+        method = with_choice(method, self.chosen.get(method.name))  # a tuned method: its value of this seed
         others = {s: p for s, p in self.sites.items() if s != held_out}
         manifest = self.manifests[held_out]
         label = f"{method.name} (leave-one-site-out)"

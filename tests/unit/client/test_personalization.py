@@ -70,6 +70,16 @@ def _last_train_replies(grid: LoopbackGrid) -> list[Message]:
     return [m for m in grid.received if m.metadata.message_type == "train"][-len(NODES):]
 
 
+def _update(reply: Message, final: dict[str, np.ndarray], heads: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """A (packed) train reply's tensors, unpacked with the layout of the global model's shared part."""
+    from fedfusion.common.packing import name_groups, unpack_tensors
+    from fedfusion.common.records import SITE_KEY
+
+    shared = {k: v for k, v in final.items() if k not in heads}
+    groups = name_groups(create_model(toy_schema(), ModelConfig(fusion="concat")))
+    return unpack_tensors(reply.content[ARRAYS_KEY], reply.content[SITE_KEY], shared, groups)
+
+
 def test_private_parts_config_is_validated() -> None:
     assert Personalization.from_run_config({"private-parts": "head, omics"}).private_parts == ("head", "omics")
     with pytest.raises(ConfigError, match="private-parts lists \\['norm'\\]"):
@@ -131,7 +141,7 @@ def test_fedper_federation_averages_shared_parts_and_resumes_exactly(
     heads = private_keys(final, ("head",))
     replies = _last_train_replies(grid)
     assert len(replies) == 2 and not whole.rejected
-    updates = [arrays_to_numpy(r.content[ARRAYS_KEY]) for r in replies]
+    updates = [_update(r, final, heads) for r in replies]
     counts = [float(r.content[METRICS_KEY][NUM_EXAMPLES]) for r in replies]
     assert all(set(u) == set(final) - heads for u in updates)
     for key in set(final) - heads:  # all modalities at both sites: plain FedAvg by example counts
@@ -178,9 +188,9 @@ def test_fedavg_ft_reports_personal_metrics_of_the_last_round_only(
     # last round is the average of that round's train replies (sent before any fine-tuning)
     assert all(not m.content.array_records for m in grid.received if m.metadata.message_type == "evaluate")
     replies = _last_train_replies(grid)
-    updates = [arrays_to_numpy(r.content[ARRAYS_KEY]) for r in replies]
-    counts = [float(r.content[METRICS_KEY][NUM_EXAMPLES]) for r in replies]
     final = arrays_to_numpy(result.arrays)
+    updates = [_update(r, final) for r in replies]
+    counts = [float(r.content[METRICS_KEY][NUM_EXAMPLES]) for r in replies]
     assert all(set(u) == set(final) for u in updates)
     key = next(k for k in final if k.startswith("heads.") and final[k].dtype.kind == "f")
     expected = sum(c * u[key].astype(np.float64) for c, u in zip(counts, updates, strict=True)) / sum(counts)
@@ -238,3 +248,43 @@ def test_simulate_and_study_methods_carry_the_personalisation_keys(tmp_path: Pat
     overrides = {m.name: m.overrides for m in study.federated}
     assert overrides["fedper"]["private-parts"] == "head"
     assert overrides["fedprox-ft"]["strategy"] == "fedprox" and overrides["fedprox-ft"]["personal-finetune-epochs"] == 5
+
+
+@pytest.mark.parametrize("personal", [{"private-parts": "head"}, {"ditto-lambda": 0.1}], ids=["private-head", "ditto"])
+def test_dp_rounds_with_personalisation_charge_the_ledger_as_plain_dp_rounds(
+        study: tuple[Path, dict[int, dict[str, Any]]], tmp_path: Path, personal: dict[str, Any]) -> None:
+    """What is accounted is the release of the shared part: a private head (trained inside the same DP-SGD
+    steps) or a Ditto model (trained apart, never released) adds no charge."""
+    from fedfusion.client.ledger import PrivacyLedger
+    from fedfusion.common.privacy_policy import PrivacyPolicy
+    from fedfusion.common.records import EPSILON_KEY, refusal_reason
+
+    schema_path, nodes = study
+    model = create_model(toy_schema(), ModelConfig(fusion="concat"))
+    keys = set(model.state_dict())
+    charged = {}
+    for variant, extra in (("plain", {}), ("personal", personal)):
+        folder = tmp_path / variant
+        policy = PrivacyPolicy(max_epsilon=50.0, ledger=str(folder / "privacy-ledger.json"), required=True)
+        node = {**nodes[1], **policy.node_config()}
+        app = make_client_app(_run_config(schema_path, tmp_path / f"run-{variant}", **{
+            "dp-mode": "sample", "dp-noise-multiplier": 1.0, "study": "dp-personal", **extra}))
+        epsilons = []
+        for server_round in (1, 2):
+            msg = Message(RecordDict({ARRAYS_KEY: model_to_arrays(model),
+                                      "config": ConfigRecord({"server-round": server_round})}),
+                          dst_node_id=1, message_type="train")
+            reply = app(msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}))
+            assert not reply.has_error() and refusal_reason(reply) is None, reply
+            shared = keys - (private_keys(keys, ("head",)) if "private-parts" in extra else set())
+            assert set(arrays_to_numpy(reply.content[ARRAYS_KEY])) == shared
+            epsilons.append(float(reply.content[METRICS_KEY][EPSILON_KEY]))
+        ledger = PrivacyLedger(folder / "privacy-ledger.json")
+        charged[variant] = (ledger.history("dp-personal"), [e["round"] for e in ledger.studies()["dp-personal"]],
+                            epsilons)
+        if variant == "personal":  # the personal state was kept, in the ledger's folder
+            assert len(list((folder / "personal-state").glob("*.npz"))) == 1
+    history, rounds, epsilons = charged["personal"]
+    assert rounds == [1, 2] and len(history) == 2 and all(steps > 0 for _, _, steps in history)
+    assert charged["personal"] == charged["plain"]  # same (σ, q, steps) per round, same ε reported
+    assert 0 < epsilons[0] < epsilons[1]
