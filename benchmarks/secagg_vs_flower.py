@@ -1,7 +1,10 @@
 """fedfusion's secure aggregation against Flower's built-in SecAgg+, same vector, same sites, one run.
 
-No training and no Ray: every site's "training" adds small random noise to the global vector (a
-plain float32 vector of N parameters split into five arrays), so a round's cost is the protocol's.
+No training and no Ray: every site's "training" adds small random noise to the global model (a
+float32 model of N parameters in ``--tensors`` arrays, 100 by default like the fusion model's state_dict),
+so a round's cost is the protocol's and the wire format's. Our plain round runs twice: with the packed
+wire format (common/packing.py: one Array per aggregation group) and with the per-tensor format of before
+(``per-tensor s``). All columns of one setting are run interleaved, ``--repeat`` times, fastest kept.
 Both sides run in process over the same loopback Grid (``tests/secagg_fakes.py``), which
 serialises every message, reply and site state through Flower's protobuf serde:
 
@@ -16,13 +19,16 @@ Bytes: serialised size (``recorddict_to_proto``) of everything one site sends in
 
     python benchmarks/secagg_vs_flower.py                          # 3 and 10 sites, 1M and 10M
     python benchmarks/secagg_vs_flower.py --sites 3 10 50 --params 1e6 --repeat 2
+    python benchmarks/secagg_vs_flower.py --params 1e6 --sites 3 10 --repeat 3 --json docs/results/x.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,8 +45,10 @@ from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation  # noqa: E402
 from fedfusion.common.federation_config import FederationConfig  # noqa: E402
+from fedfusion.common.packing import LAYOUT_KEY, PackLayout, sent_layout  # noqa: E402
 from fedfusion.common.records import (  # noqa: E402
     ARRAYS_KEY,
+    CONFIG_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     SITE_KEY,
@@ -51,20 +59,33 @@ from fedfusion.common.records import (  # noqa: E402
 from fedfusion.server.messaging import send_and_collect  # noqa: E402
 from fedfusion.server.secure_aggregation import run_secure_round  # noqa: E402
 from fedfusion.server.strategy import build_strategy  # noqa: E402
-from tests.secagg_fakes import MODALITIES, LoopbackGrid  # noqa: E402
+from tests.secagg_fakes import MODALITIES, TESTBED_SITES, LoopbackGrid, identity_config  # noqa: E402
 
 NOISE = 0.01
 RUN = {"secure-aggregation": True, "secagg-clip": 1.0, "secagg-bits": 32, "secagg-weight-bound": 10_000.0,
        "secagg-timeout": 600.0, "round-timeout": 600.0, "min-sites": 1}
-GROUPS = {"image.w": "image", "omics.w": "omics", "clinical.w": "clinical", "fusion.w": "fusion", "head.w": "head"}
+PARTS = {"image": "image", "omics": "omics", "clinical": "clinical", "fusion": "fusion", "head": "head"}
+#: state_dict key -> group of the benchmark model (set by :func:`model`, read by the strategy and the sites)
+GROUPS: dict[str, str] = {}
 
 
-def model(params: int) -> dict[str, np.ndarray]:
+def model(params: int, tensors: int = 5) -> dict[str, np.ndarray]:
+    """A float32 model of ``params`` parameters in ``tensors`` arrays (the fusion model has ~100), split over
+    the five parts 40/25/15/15/5 % of the parameters."""
     fractions = (0.4, 0.25, 0.15, 0.15)
     sizes = [int(params * f) for f in fractions]
     sizes.append(params - sum(sizes))
+    per_part = [max(1, round(tensors * size / params)) for size in sizes]
     rng = np.random.default_rng(0)
-    return {name: (rng.normal(size=size) * 0.1).astype(np.float32) for name, size in zip(GROUPS, sizes, strict=True)}
+    out: dict[str, np.ndarray] = {}
+    GROUPS.clear()
+    for part, size, count in zip(PARTS, sizes, per_part, strict=True):
+        bounds = np.linspace(0, size, count + 1).astype(int)
+        for i in range(count):
+            name = f"{part}.w{i}"
+            out[name] = (rng.normal(size=int(bounds[i + 1] - bounds[i])) * 0.1).astype(np.float32)
+            GROUPS[name] = PARTS[part]
+    return out
 
 
 class Grid(LoopbackGrid):
@@ -80,17 +101,25 @@ class Grid(LoopbackGrid):
 
 
 # ----------------------------------------------------------------------------------------------- ours
-def our_app(node_ids: list[int], run_config: dict[str, Any]) -> ClientApp:
+def our_app(node_ids: list[int], run_config: dict[str, Any], reference: dict[str, np.ndarray]) -> ClientApp:
+    """Sites as client/app.py's train handler treats the wire: unpack the global model with the layout of
+    their own model (``reference``: names, shapes, dtypes), answer packed when asked packed."""
     rngs = {n: np.random.default_rng(n) for n in node_ids}
+    layout = PackLayout.of(reference, GROUPS)
 
     def train(msg: Message, context: Context) -> Message:
         node = int(msg.metadata.dst_node_id)
         rng = rngs[node]
-        current = arrays_to_numpy(msg.content[ARRAYS_KEY])
+        config = msg.content.config_records.get(CONFIG_KEY)
+        packed = sent_layout(config) is not None
+        record = msg.content[ARRAYS_KEY]
+        current = layout.unpack(record, sent_layout(config)) if packed else arrays_to_numpy(record)
         new = {k: v + (rng.standard_normal(v.size, dtype=np.float32) * NOISE) for k, v in current.items()}
         counts = {NUM_EXAMPLES: 100.0 + node, **{modality_count_key(m): 100.0 + node for m in MODALITIES}}
-        return Message(RecordDict({ARRAYS_KEY: numpy_to_arrays(new), METRICS_KEY: MetricRecord(counts),
-                                   SITE_KEY: ConfigRecord({"site-id": f"site{node}"})}), reply_to=msg)
+        site = {"site-id": f"site{node}", **({LAYOUT_KEY: layout.sha256} if packed else {})}
+        arrays = layout.pack(new) if packed else numpy_to_arrays(new)
+        return Message(RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: MetricRecord(counts),
+                                   SITE_KEY: ConfigRecord(site)}), reply_to=msg)
 
     app = ClientApp()
 
@@ -103,14 +132,20 @@ def our_app(node_ids: list[int], run_config: dict[str, Any]) -> ClientApp:
     return app
 
 
-def ours(params: int, sites: int, secure: bool) -> tuple[float, float]:
-    """(round seconds, bytes one site sent / float32 update bytes)."""
+def ours(params: int, sites: int, secure: bool, tensors: int = 5, packed: bool = True) -> tuple[float, float]:
+    """(round seconds, bytes one site sent / float32 update bytes); ``packed=False``: the per-tensor wire
+    format the plain round used before common/packing.py (one Array per tensor both ways)."""
     nodes = list(range(1, sites + 1))
     run_config = {**RUN, "secure-aggregation": secure}
-    grid = Grid(our_app(nodes, run_config), nodes)
+    weights = model(params, tensors)
+    # every site has its roster entry and signing key (secure aggregation refuses to run without them)
+    grid = Grid(our_app(nodes, run_config, weights), nodes,
+                node_configs={n: identity_config(TESTBED_SITES[n - 1]) for n in nodes})
     strategy = build_strategy("fedavg", GROUPS, min_sites=1, fraction_evaluate=0.0)
+    if not packed:
+        strategy._packed = lambda values, config: (numpy_to_arrays(values), config)  # type: ignore[method-assign]
     cfg = FederationConfig.from_run_config(run_config)
-    arrays = numpy_to_arrays(model(params))
+    arrays = numpy_to_arrays(weights)
     began = time.perf_counter()
     if secure:
         outcome = run_secure_round(grid, strategy, 1, arrays, cfg)
@@ -127,7 +162,7 @@ def ours(params: int, sites: int, secure: bool) -> tuple[float, float]:
 
 
 # ----------------------------------------------------------------------------------------- Flower's
-def flower(params: int, sites: int, secure: bool) -> float:
+def flower(params: int, sites: int, secure: bool, tensors: int = 5) -> float:
     from flwr.client import NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.common import ndarrays_to_parameters
@@ -160,7 +195,7 @@ def flower(params: int, sites: int, secure: bool) -> float:
     nodes = list(range(1, sites + 1))
     grid = Grid(app, nodes)
     strategy = Timed(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=sites, min_available_clients=sites,
-                     initial_parameters=ndarrays_to_parameters(list(model(params).values())))
+                     initial_parameters=ndarrays_to_parameters(list(model(params, tensors).values())))
     context = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
                             config=ServerConfig(num_rounds=1), strategy=strategy)
     if secure:
@@ -178,30 +213,52 @@ def main() -> None:
     parser.add_argument("--params", type=float, nargs="+", default=[1e6, 1e7])
     parser.add_argument("--sites", type=int, nargs="+", default=[3, 10])
     parser.add_argument("--repeat", type=int, default=1, help="rounds per setting; the fastest is kept")
+    parser.add_argument("--tensors", type=int, default=100,
+                        help="arrays the model is split into (the fusion model's state_dict has ~100)")
     parser.add_argument("--no-flower", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # set by Flower's runtime in a process
         setattr(TaskIdentity, attr, value)
-    header = (f"{'sites':>5} {'params':>7} {'our plain s':>11} {'our secure s':>12} {'ours sec/pl':>11} "
-              f"{'Fl plain s':>10} {'Fl SecAgg+ s':>12} {'Fl sec/pl':>9} {'ours/Fl sec':>11} {'bytes/fp32':>10}")
-    rows = []
+    header = (f"{'sites':>5} {'params':>7} {'tensors':>7} {'per-tensor s':>12} {'our plain s':>11} "
+              f"{'our secure s':>12} {'ours sec/pl':>11} {'Fl plain s':>10} {'Fl SecAgg+ s':>12} {'Fl sec/pl':>9} "
+              f"{'ours/Fl pl':>10} {'ours/Fl sec':>11} {'bytes/fp32':>10}")
+    rows, results = [], []
+    for secure in (False, True):  # warm-up: imports, the test bed's keys, first-call caches
+        ours(10_000, 3, secure, args.tensors)
+        if not args.no_flower:
+            flower(10_000, 3, secure, args.tensors)
     for params in (int(p) for p in args.params):
         for sites in args.sites:
-            plain = min(ours(params, sites, False)[0] for _ in range(args.repeat))
-            runs = [ours(params, sites, True) for _ in range(args.repeat)]
-            secure, ratio_bytes = min(r[0] for r in runs), runs[0][1]
-            fp = fs = math.nan
-            if not args.no_flower:
-                fp = min(flower(params, sites, False) for _ in range(args.repeat))
-                fs = min(flower(params, sites, True) for _ in range(args.repeat))
-            row = (f"{sites:>5} {params:>7.0e} {plain:>11.2f} {secure:>12.2f} {secure / plain:>11.2f} {fp:>10.2f} "
-                   f"{fs:>12.2f} {fs / fp:>9.2f} {secure / fs:>11.2f} {ratio_bytes:>10.3f}")
+            times: dict[str, list[float]] = {k: [] for k in ("per_tensor", "plain", "secure", "flower_plain",
+                                                            "flower_secure")}
+            ratio_bytes = math.nan
+            for _ in range(args.repeat):  # interleaved, so a load spike hits every column alike
+                times["per_tensor"].append(ours(params, sites, False, args.tensors, packed=False)[0])
+                times["plain"].append(ours(params, sites, False, args.tensors)[0])
+                if not args.no_flower:
+                    times["flower_plain"].append(flower(params, sites, False, args.tensors))
+                seconds, ratio_bytes = ours(params, sites, True, args.tensors)
+                times["secure"].append(seconds)
+                if not args.no_flower:
+                    times["flower_secure"].append(flower(params, sites, True, args.tensors))
+            best = {k: min(v) if v else math.nan for k, v in times.items()}
+            pt, plain, secure, fp, fs = (best[k] for k in ("per_tensor", "plain", "secure", "flower_plain",
+                                                           "flower_secure"))
+            row = (f"{sites:>5} {params:>7.0e} {args.tensors:>7} {pt:>12.2f} {plain:>11.2f} {secure:>12.2f} "
+                   f"{secure / plain:>11.2f} {fp:>10.2f} {fs:>12.2f} {fs / fp:>9.2f} {plain / fp:>10.2f} "
+                   f"{secure / fs:>11.2f} {ratio_bytes:>10.3f}")
             rows.append(row)
+            results.append({"sites": sites, "params": params, "tensors": args.tensors, "repeat": args.repeat,
+                            "seconds": times, "fastest": best, "bytes_per_fp32": ratio_bytes})
             print(row, flush=True)
     print(f"\nseconds per round (fastest of {args.repeat}), in process over a serialising loopback Grid, no Ray")
     print(header)
     print("\n".join(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "load_average": os.getloadavg(),
+                                         "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

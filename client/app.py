@@ -37,6 +37,7 @@ from fedfusion.client.runtime import SiteRuntime, round_privacy, site_from_conte
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.flower_adapter import KEY_CLIPPING_NORM, ClientAppCallable, check_flower_version
+from fedfusion.common.packing import LAYOUT_KEY, is_packed, load_received, pack_reply
 from fedfusion.common.privacy_policy import PrivacyError, PrivacyPolicy
 from fedfusion.common.records import (
     ARRAYS_KEY,
@@ -45,7 +46,6 @@ from fedfusion.common.records import (
     METRICS_KEY,
     REFUSED_KEY,
     SITE_KEY,
-    arrays_to_model,
     arrays_to_numpy,
     metrics_record,
     refusal_reason,
@@ -137,11 +137,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
                                 "(study %s; e.g. it resumed after a crash): re-sending that update, no new ε",
                                 server_round, privacy.study)
                     return Message(released, reply_to=msg)
-            model = arrays_to_model(msg.content[ARRAYS_KEY], site.build_model(cfg.model, fresh=privacy is not None))
+            model = load_received(msg.content[ARRAYS_KEY], config,
+                                  site.build_model(cfg.model, fresh=privacy is not None))
             personal = _personalization(cfg, site, node_config, run_config)  # private parts: kept, never sent
             personal.before_training(model, server_round)
             metrics = site.train(model, cfg.train, server_round, proximal_mu=float(config.get("proximal-mu", 0.0)),
                                  privacy=privacy)
+            personal.after_training(server_round)  # Ditto: the site's own model, trained after the update; kept
         except PrivacyError as refusal:
             return Message(RecordDict({METRICS_KEY: MetricRecord(_spent(policy, cfg, site)),
                                        SITE_KEY: ConfigRecord({"site-id": site.site_id, REFUSED_KEY: str(refusal)})}),
@@ -149,8 +151,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         # The whole handler (site build, model build and (de)serialisation, training): what the site
         # spends besides "train-seconds" is ours to cut (benchmarks/scale.py splits a round by it).
         metrics = {**metrics, CLIENT_SECONDS_KEY: time.perf_counter() - began}
-        content = RecordDict({ARRAYS_KEY: personal.reply_arrays(model, server_round),
-                              METRICS_KEY: metrics_record(metrics), SITE_KEY: ConfigRecord({"site-id": site.site_id})})
+        arrays, site_record = personal.reply_arrays(model, server_round), {"site-id": site.site_id}
+        if is_packed(config):  # answered in the format asked in (secure aggregation's stage one: per tensor)
+            arrays, site_record[LAYOUT_KEY] = pack_reply(arrays, model)
+        content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics_record(metrics),
+                              SITE_KEY: ConfigRecord(site_record)})
         if privacy is not None:  # on disk before it leaves: a resumed run's identical request gets it again
             releases.put(site.site_id, privacy.study, key, content)
         return Message(content, reply_to=msg)
@@ -159,12 +164,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         cfg, run_config = _config(context)
         site = site_from_context(dict(context.node_config), run_config)
-        model = arrays_to_model(msg.content[ARRAYS_KEY], site.build_model(cfg.model))
+        model = load_received(msg.content[ARRAYS_KEY], msg.content.config_records.get(CONFIG_KEY),
+                              site.build_model(cfg.model))
         server_round = int(msg.content[CONFIG_KEY].get("server-round", 0)) if CONFIG_KEY in msg.content else 0
         personal = _personalization(cfg, site, dict(context.node_config), run_config)
         personal.before_evaluation(model, server_round)  # the site's own private parts, if any
         raw = site.evaluate(model)
-        if personal.finetune_due(server_round):  # FedAvg+FT: a fine-tuned copy, scored only
+        if personal.personal_due(server_round):  # FedAvg+FT's fine-tuned copy or Ditto's model, scored only
             raw.update(personal.personal_evaluation(model, server_round))
         # Small splits release only counts, metrics are rounded: evaluation is no uncharged oracle.
         metrics = release_eval_metrics(raw, eval_release_policy(dict(context.node_config), run_config))

@@ -48,6 +48,7 @@ from flwr.serverapp import Grid
 
 from fedfusion.common.config import ConfigError
 from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.packing import LAYOUT_KEY as PACKED_LAYOUT_KEY
 from fedfusion.common.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -193,7 +194,10 @@ def run_secure_round(grid: Grid, strategy: ModalityAwareFedAvg, server_round: in
                            f"{ROW_PREFIX}degree": config.degree, f"{ROW_PREFIX}failed": 0}
     outcome = SecureRoundOutcome(arrays=None, row=row)
     server = SecAggServer(config, layout)
-    train_config = configured[0].content[CONFIG_KEY] if configured else ConfigRecord()
+    # stage one sends the global model per tensor (the update travels as one masked vector): no packed layout
+    train_config = ConfigRecord({k: v for k, v in configured[0].content[CONFIG_KEY].items()
+                                 if k != PACKED_LAYOUT_KEY}
+                                if configured else {})
     round_record = ConfigRecord({**config.to_record(), LAYOUT_KEY: layout.to_json(),
                                  WEIGHT_KEYS_KEY: json.dumps(weight_keys, sort_keys=True)})
     stage_one = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: train_config, ROUND_KEY: round_record})

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from fedfusion.common.config import is_modality
 from fedfusion.common.flower_adapter import InconsistentMessageReplies
 from fedfusion.common.flower_adapter import flower_log as log
+from fedfusion.common.packing import LAYOUT_KEY, SHARED_GROUP, LayoutMismatch, PackLayout, group_of_key, sent_layout
 from fedfusion.common.records import (
     MODALITY_COUNT_KEYS,
     NUM_EXAMPLES,
@@ -46,13 +47,7 @@ from fedfusion.common.records import (
     numpy_to_arrays,
 )
 
-SHARED_GROUP = "shared"
-
-
-def group_of_key(name: str, parameter_groups: Mapping[str, str]) -> str:
-    """Group of a state_dict key: a modality name, or ``shared`` (fusion, heads, buffers)."""
-    group = parameter_groups.get(name, SHARED_GROUP)
-    return group if is_modality(group) else SHARED_GROUP
+__all__ = ["SHARED_GROUP", "group_of_key"]  # defined with the wire format (common/packing.py), used here
 
 
 def modality_weighted_average(
@@ -189,7 +184,28 @@ class ModalityAwareFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays_to_numpy(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        packed, config = self._packed(self._global, config)
+        return super().configure_train(server_round, packed, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        packed, config = self._packed(arrays_to_numpy(arrays), config)
+        return super().configure_evaluate(server_round, packed, config, grid)
+
+    def _packed(self, arrays: Mapping[str, np.ndarray], config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
+        """The global model in the packed wire format (common/packing.py) and the config naming its layout."""
+        layout = PackLayout.of(arrays, self.parameter_groups)
+        return layout.pack(arrays), ConfigRecord({**dict(config), LAYOUT_KEY: layout.sha256})
+
+    @staticmethod
+    def _reply_update(msg: Message, layout: PackLayout) -> dict[str, np.ndarray]:
+        """A train reply's update as named tensors: unpacked when the site sent the packed format (its
+        layout must be ``layout``, the shared global model's), as sent otherwise (per-tensor)."""
+        record = next(iter(msg.content.array_records.values()))
+        sent = sent_layout(msg.content.config_records.get(SITE_KEY))
+        if sent is None:
+            return arrays_to_numpy(record)
+        return layout.unpack(record, sent)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -205,8 +221,13 @@ class ModalityAwareFedAvg(FedAvg):
         # Replies arrive in whatever order sites finish; summing in a fixed order makes a round's result
         # bit-for-bit reproducible, which exact resume relies on.
         shared = {k: v for k, v in self._global.items() if k not in self.private_keys}
+        layout = PackLayout.of(shared, self.parameter_groups)  # what a site that packs its reply must use
         for msg in sorted(valid, key=site_of):
-            update = arrays_to_numpy(next(iter(msg.content.array_records.values())))
+            try:
+                update = self._reply_update(msg, layout)
+            except LayoutMismatch as err:
+                self._reject(server_round, "train", site_of(msg), str(err))
+                continue
             update = {k: v for k, v in update.items() if k not in self.private_keys}
             problem = check_update(update, shared)
             if problem is not None:
