@@ -68,11 +68,16 @@ def _valid_sequence(sequence: str) -> bool:
 
 @dataclass(frozen=True)
 class ClinicalColumn:
-    """One clinical column. ``categories`` lists allowed values of a categorical column, in order."""
+    """One clinical column. ``categories`` lists allowed values of a categorical column, in order.
+
+    ``may_be_absent``: the coordinator declares that a whole site may lack this column (a cohort that
+    never recorded it), so ``site check`` warns instead of refusing an entirely empty column there.
+    """
 
     name: str
     kind: Literal["numeric", "categorical"] = "numeric"
     categories: tuple[str, ...] = ()
+    may_be_absent: bool = False
 
     @property
     def width(self) -> int:
@@ -270,7 +275,8 @@ class Schema:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["clinical"] = [
-            {"name": c.name, "kind": c.kind, **({"categories": list(c.categories)} if c.categories else {})}
+            {"name": c.name, "kind": c.kind, **({"categories": list(c.categories)} if c.categories else {}),
+             **({"may_be_absent": True} if c.may_be_absent else {})}
             for c in self.clinical
         ]
         out["classes"] = list(self.classes)
@@ -320,6 +326,7 @@ class Schema:
                     name=str(c["name"]),
                     kind=c.get("kind", "numeric"),
                     categories=tuple(str(v) for v in c.get("categories", ())),
+                    may_be_absent=_flag(c.get("may_be_absent", False), f"clinical column {c.get('name')!r}"),
                 )
                 for c in raw.get("clinical", ())
             )
@@ -356,6 +363,13 @@ def _image_to_dict(spec: ImageSpec) -> dict[str, Any]:
     if spec.depth:
         out["depth"] = spec.depth
     return out
+
+
+def _flag(value: Any, where: str) -> bool:
+    """A schema's true/false key: JSON booleans only ("false" as a string would read as true)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: 'may_be_absent' must be true or false, got {value!r}")
+    return value
 
 
 def _image_from_dict(raw: dict[str, Any], where: str, default_column: str, name: str = "") -> ImageSpec:

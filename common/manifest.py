@@ -312,7 +312,8 @@ class _Checker:
         if self.schema.omics and "omics" not in self.raw.columns:
             groups["omics"] = list(self.schema.omics)
         columns = [c for names in groups.values() for c in names]
-        errors, warnings = column_fill_problems(self.raw[columns].map(_is_blank), groups, self.file)
+        absent_ok = frozenset(c.name for c in self.schema.clinical if c.may_be_absent)
+        errors, warnings = column_fill_problems(self.raw[columns].map(_is_blank), groups, self.file, absent_ok)
         for column, message in errors:
             self.issue(message, column=column)
         self.warnings += warnings

@@ -19,10 +19,12 @@ _LISTED = 10
 
 
 def column_fill_problems(blank: pd.DataFrame, modalities: Mapping[str, Sequence[str]],
-                         file: str) -> tuple[list[tuple[str, str]], list[str]]:
+                         file: str, may_be_absent: frozenset[str] = frozenset()
+                         ) -> tuple[list[tuple[str, str]], list[str]]:
     """(errors as ``(column, message)``, warnings) for the columns of each modality.
 
-    ``blank`` is a boolean frame (rows x columns): True where the cell holds no value.
+    ``blank`` is a boolean frame (rows x columns): True where the cell holds no value. Columns in
+    ``may_be_absent`` (declared so in the schema) are only a warning when entirely empty.
     """
     rows = len(blank)
     errors: list[tuple[str, str]] = []
@@ -37,7 +39,10 @@ def column_fill_problems(blank: pd.DataFrame, modalities: Mapping[str, Sequence[
             warnings.append(f"{file}: every {modality} column is empty: no case at this site has {modality} data")
             continue
         for column in columns:
-            if empty_share[column] == 1.0:
+            if empty_share[column] == 1.0 and column in may_be_absent:
+                warnings.append(f"{file}: column {column!r} is empty in all {rows} rows; the schema allows a site "
+                                "without it (may_be_absent), so the model treats it as missing here")
+            elif empty_share[column] == 1.0:
                 errors.append((column, f"no value in any of the {rows} rows; expected {modality} values (check the "
                                        f"export), or ask the coordinator to drop {column!r} from the schema"))
         mostly = [c for c in columns if MOSTLY_EMPTY < empty_share[c] < 1.0]

@@ -347,9 +347,10 @@ def _breast_cohorts() -> _Built:
         task="survival",
         clinical=(
             ClinicalColumn("er_status", "categorical", _POS_NEG),
-            ClinicalColumn("node_status", "categorical", _POS_NEG),
-            ClinicalColumn("grade", "categorical", _GRADES),
-            ClinicalColumn("age", "numeric"),
+            # gse3143 recorded none of these three: declared, so its site check warns instead of refusing
+            ClinicalColumn("node_status", "categorical", _POS_NEG, may_be_absent=True),
+            ClinicalColumn("grade", "categorical", _GRADES, may_be_absent=True),
+            ClinicalColumn("age", "numeric", may_be_absent=True),
         ),
         omics=tuple(names),
         site_column="site",

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedfusion.common.config import Schema
+from fedfusion.common.config import ConfigError, Schema
 from fedfusion.common.manifest import ManifestError, load_manifest
 
 
@@ -188,6 +188,24 @@ def test_an_entirely_empty_clinical_column_is_an_error_naming_file_and_column(si
     frame.to_csv(site, index=False)
     message = _only_issue(site, schema)
     assert message.startswith(f"{site}, column 'size_mm': no value in any of the 40 rows")
+
+
+def test_a_column_the_schema_says_may_be_absent_is_only_a_warning_when_empty(site: Path, schema: Schema) -> None:
+    """A cohort that never recorded a variable (breast-cohorts' gse3143: no age, grade, node status)."""
+    frame = pd.read_csv(site, dtype=str, keep_default_na=False)
+    frame["size_mm"] = ""
+    frame.to_csv(site, index=False)
+    raw = schema.to_dict()
+    for column in raw["clinical"]:
+        if column["name"] == "size_mm":
+            column["may_be_absent"] = True
+    declared = Schema.from_dict(raw)
+    assert Schema.from_dict(declared.to_dict()) == declared  # the flag survives a schema round trip
+    manifest = load_manifest(site, declared)
+    assert any("'size_mm' is empty in all 40 rows" in w and "may_be_absent" in w for w in manifest.warnings)
+    raw["clinical"][0]["may_be_absent"] = "yes"
+    with pytest.raises(ConfigError, match="'may_be_absent' must be true or false"):
+        Schema.from_dict(raw)
 
 
 def test_a_mostly_empty_column_is_a_warning_and_a_site_without_a_modality_is_not_an_error(
