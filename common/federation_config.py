@@ -28,8 +28,10 @@ DEFAULTS: dict[str, Any] = {
     "server-lr": 0.01,
     "seed": 0,
     "round-timeout": 3600.0,
-    # Which round's model the run delivers (server/model_selection.py): best on the sites' val splits, or last
+    # Which round's model the run delivers (server/model_selection.py): best-val-loss | best-val | last
     "model-selection": "best-val",
+    "model-selection-min-round": 0,  # earlier rounds are never delivered; 0 = auto, max(2, rounds // 3); 1 = none
+    "model-selection-window": 1,  # odd; > 1 ranks a round by the mean of it and its neighbours
     "schema": "",
     "run-dir": "runs/latest",
     "resume": False,
@@ -95,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
     # Personalisation (common/personalization.py, client/personalization.py)
     "private-parts": "",  # groups each site keeps and never sends: "head" (FedPer), "fusion", a modality
     "personal-finetune-epochs": 0,  # > 0: at the last round's evaluation each site fine-tunes a copy (FedAvg+FT)
+    "ditto-lambda": 0.0,  # > 0 (Ditto): each site also trains its own model, pulled toward the global by λ/2·||v−w||²
 }
 
 # TrainConfig fields whose run-config keys have no ``local-`` prefix (they are federation-wide).
@@ -103,8 +106,10 @@ _UNPREFIXED_TRAIN_KEYS = ("lr_schedule", "lr_warmup", "lr_step_size", "lr_gamma"
 
 # Keys that may differ between an interrupted run and its resumption without changing the result.
 _RESUME_NEUTRAL = ("resume", "run-dir", "round-timeout", "num-server-rounds", "secagg-timeout", "scale-cache-size",
-                   "model-selection", "tracking", "tracking-dir", "mlflow-tracking-uri", "mlflow-experiment")
-MODEL_SELECTIONS = ("best-val", "last")
+                   "model-selection", "model-selection-min-round", "model-selection-window",
+                   "tracking", "tracking-dir", "mlflow-tracking-uri", "mlflow-experiment")
+#: run config ``model-selection`` (server/model_selection.py)
+MODEL_SELECTIONS = ("best-val-loss", "best-val", "last")
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,8 @@ class FederationConfig:
     privacy: PrivacyRequest = PrivacyRequest()
     secure: SecureAggregationSettings = SecureAggregationSettings()
     model_selection: str = "best-val"
+    model_selection_min_round: int = 0
+    model_selection_window: int = 1
     personal: Personalization = Personalization()
 
     @classmethod
@@ -165,6 +172,8 @@ class FederationConfig:
                 privacy=PrivacyRequest.from_run_config(flat),
                 secure=SecureAggregationSettings.from_run_config(flat),
                 model_selection=str(flat["model-selection"]),
+                model_selection_min_round=int(flat["model-selection-min-round"]),
+                model_selection_window=int(flat["model-selection-window"]),
                 personal=Personalization.from_run_config(flat),
             )
         except (TypeError, ValueError) as err:
@@ -176,6 +185,12 @@ class FederationConfig:
         if cfg.model_selection not in MODEL_SELECTIONS:
             raise ConfigError(f"run config: model-selection must be one of {list(MODEL_SELECTIONS)}, "
                               f"got {cfg.model_selection!r}")
+        if cfg.model_selection_min_round < 0:
+            raise ConfigError("run config: model-selection-min-round must be >= 0 (0 = auto, 1 = every round), "
+                              f"got {cfg.model_selection_min_round}")
+        if cfg.model_selection_window < 1 or cfg.model_selection_window % 2 == 0:
+            raise ConfigError("run config: model-selection-window must be an odd number >= 1, "
+                              f"got {cfg.model_selection_window}")
         if cfg.personal.private_parts and cfg.privacy.mode == "client":
             raise ConfigError("run config: private-parts does not combine with dp-mode = \"client\" (Flower's "
                               "client-side clipping compares the whole model with the reply); use dp-mode = \"sample\"")

@@ -25,7 +25,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,7 @@ from fedfusion.common.records import (
 )
 from fedfusion.common.training import primary_metric, seed_everything
 from fedfusion.server.messaging import REPLIES_FILENAME, RecordingGrid, ReplyLog, send_and_collect
-from fedfusion.server.model_selection import BestRound
+from fedfusion.server.model_selection import BestRound, SelectionRule, choose_round
 from fedfusion.server.privacy import ClientLevelDP, split_refusals
 from fedfusion.server.reply_attribution import attributing
 from fedfusion.server.run_folders import load_checkpoint_file
@@ -75,7 +74,7 @@ class FederationResult:
     selected_round: int = 0
     """The round whose global model ``arrays`` and ``model.pt`` hold (``model-selection``)."""
     selection: str = "last"
-    """How it was chosen: ``best-val`` (best federated validation metric) or ``last``."""
+    """How it was chosen: the ``model-selection`` rule (``best-val-loss``, ``best-val``) or ``last``."""
 
 
 class RoundFailed(RuntimeError):
@@ -195,6 +194,8 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
     refusals: list[dict[str, Any]] = []
     ended_early = ""
     rounds: list[dict[str, Any]] = []
+    # Filled only from a checkpoint written before choose_round (its best round's weights), and passed on
+    # in later checkpoints: the fallback when that round's own checkpoint file is gone (_select_round).
     best = BestRound(primary_metric(schema))
     start = 1
     found = latest_checkpoint(run_dir) if cfg.resume else None
@@ -274,20 +275,13 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
                 on_round(row)
             break
         row.update(_evaluate(grid, strategy, server_round, arrays, cfg))
-        if best.offer(row, partial(arrays_to_numpy, arrays)):
-            log.info("round %d: best federated validation %s so far (%.4f)", server_round, best.metric, best.score)
         row["seconds"] = time.monotonic() - began
         rounds.append(row)
         save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals, best)
         tracking.log_round(row, strategy.site_metrics)  # after the checkpoint: a resume never logs it twice
         if on_round:
             on_round(row)
-    selected_round, selection = int(rounds[-1]["round"]), "last"
-    if cfg.model_selection == "best-val" and best.round is not None and best.arrays is not None:
-        arrays, selected_round, selection = numpy_to_arrays(best.arrays), best.round, "best-val"
-    elif cfg.model_selection == "best-val":
-        log.warning("no site reported a validation %s (no 'val' rows?): delivering the last round's model",
-                    best.metric)
+    arrays, selected_round, selection = _select_round(run_dir, cfg, rounds, arrays, best)
     log.info("delivering the global model of round %d (%s)", selected_round, selection)
     final = run_dir / "model.pt"
     torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in arrays_to_numpy(arrays).items()},
@@ -296,6 +290,32 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
     return FederationResult(arrays=arrays, rounds=rounds, site_metrics=strategy.site_metrics,
                             rejected=strategy.rejected, run_dir=run_dir, refusals=refusals, ended_early=ended_early,
                             selected_round=selected_round, selection=selection)
+
+
+def _select_round(run_dir: Path, cfg: FederationConfig, rounds: list[dict[str, Any]], arrays: ArrayRecord,
+                  legacy: BestRound) -> tuple[ArrayRecord, int, str]:
+    """The delivered model, its round and rule (server/model_selection.py), chosen from the round rows alone
+    (so a resume chooses as an uninterrupted run). An earlier round's weights come from its checkpoint, or
+    from ``legacy`` (a checkpoint written before choose_round carried the best round's weights)."""
+    last = int(rounds[-1]["round"])
+    rule = SelectionRule(cfg.model_selection, legacy.metric, cfg.model_selection_min_round,
+                         cfg.model_selection_window)
+    chosen = choose_round(rounds, rule, cfg.num_rounds)
+    if chosen is None:
+        if rule.kind != "last":
+            log.warning("no site reported a validation %s/loss (no 'val' rows?): delivering the last round's model",
+                        legacy.metric)
+        return arrays, last, "last"
+    if chosen == last:
+        return arrays, last, rule.kind
+    path = checkpoint_path(run_dir, chosen)
+    saved = load_checkpoint(path) if path.is_file() else None
+    if saved is not None and saved["round"] == chosen and saved["config_hash"] == cfg.config_hash():
+        return numpy_to_arrays(saved["arrays"]), chosen, rule.kind
+    if legacy.round == chosen and legacy.arrays is not None:
+        return numpy_to_arrays(legacy.arrays), chosen, rule.kind
+    log.warning("%s chose round %d but %s is gone: delivering the last round's model", rule.label, chosen, path)
+    return arrays, last, "last"
 
 
 def _evaluate(grid: Grid, strategy: ModalityAwareFedAvg, server_round: int, arrays: ArrayRecord,
