@@ -14,6 +14,7 @@ from fedfusion.common.plots import chance_level, plot_bars, plot_curves
 from fedfusion.common.records import EPSILON_KEY, NOISE_ASKED_KEY, NOISE_KEY, NUM_EXAMPLES
 from fedfusion.common.results import markdown_table, write_json, write_rows
 from fedfusion.server.federation import FederationResult
+from fedfusion.server.model_selection import SELECTION_TEXT
 
 
 def delivered_evaluations(result: FederationResult) -> list[dict[str, Any]]:
@@ -156,14 +157,15 @@ def delivered_title(result: FederationResult) -> str:
     """Plot title naming the round whose model is shown (never "final" when it is the best round)."""
     evaluated = {int(m["round"]) for m in delivered_evaluations(result)}
     shown = next(iter(evaluated), int(result.selected_round))
-    how = "best validation" if result.selection == "best-val" and shown == int(result.selected_round) else "last round"
+    how = ("best validation" if result.selection != "last" and shown == int(result.selected_round)
+           else "last round")
     return f"delivered model, round {shown} ({how})"
 
 
 def _selection_note(result: FederationResult) -> str:
-    if result.selection == "best-val":
-        return (f"The model of round {result.selected_round}: the best site-weighted validation score over the "
-                "rounds (`eval_val_*` columns; `model-selection = \"best-val\"`); test splits were not used to choose.")
+    if result.selection != "last":
+        return (f"The model of round {result.selected_round}: {SELECTION_TEXT[result.selection]} "
+                f"(`model-selection = \"{result.selection}\"`); test splits were not used to choose.")
     return f"The model of the last round ({result.selected_round})."
 
 

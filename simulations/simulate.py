@@ -331,7 +331,7 @@ def write_study_report(spec: SimulationSpec, schema_name: str, metric: str, comp
          else f"# fedfusion study: {schema_name}, {spec.partition} split, {len(sites)} sites"), "",
         f"Each cell is the test-split {metric} of one site. Federated = the global model of round "
         f"{result.selected_round} of {spec.rounds} of {spec.strategy} ({spec.local_epochs} local epochs, fusion "
-        f"`{spec.fusion}`; " + ("chosen by the sites' validation splits" if result.selection == "best-val"
+        f"`{spec.fusion}`; " + ("chosen by the sites' validation splits" if result.selection != "last"
                                 else "the last round") + "); "
         "pooled = one model trained on all sites' training rows (what no hospital may do); local-only = "
         "each site alone. "

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedfusion.common.records import numpy_to_arrays
 from fedfusion.server.federation import FederationResult
@@ -131,3 +132,16 @@ def test_per_round_plots_have_integer_ticks_and_a_chance_line_and_the_site_plot_
     assert [tuple(np.round(seg[:, 1], 3)) for seg in segments] == [(0.5, 0.7), (0.6, 0.6)]
     write_run_outputs(result)
     assert (tmp_path / "site_c_index.png").stat().st_size > 0 and (tmp_path / "global_c_index_per_round.png").exists()
+
+
+@pytest.mark.parametrize(("selection", "phrase"), [
+    ("best-val", "the best site-weighted validation score"),
+    ("best-val-loss", "the lowest site-weighted validation loss"),
+])
+def test_the_report_names_the_rule_that_chose_the_delivered_round(selection: str, phrase: str,
+                                                                   tmp_path: Path) -> None:
+    result = _survival_result(tmp_path)
+    result.selection = selection
+    report = write_run_outputs(result).read_text()
+    assert f"The model of round 2: {phrase}" in report and f'`model-selection = "{selection}"`' in report
+    assert "The model of the last round" not in report
