@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedfusion.common.plots import bars_figure, chance_level, curves_figure
 from fedfusion.common.records import numpy_to_arrays
 from fedfusion.server.federation import FederationResult
-from fedfusion.common.plots import bars_figure, chance_level, curves_figure
 from fedfusion.server.report import (
     delivered_title,
     epsilon_rows,
