@@ -28,6 +28,14 @@ model w the round delivered. v_k is never sent; its test metrics leave as ``pers
 evaluation, under the evaluation release rule. With ``dp-mode = "sample"`` v_k is trained without DP-SGD and
 charges nothing: it is never released and the released update does not depend on it, so the ledger's ε
 still covers everything that leaves except evaluation metrics (which it never covers).
+
+Per-case test predictions (:func:`keep_predictions`): at the run's last round, a site that evaluates a model of
+its own (private parts, FedAvg+FT's fine-tuned copy, Ditto's model) also writes that model's test predictions to
+``personal-state/<site>-<hash>-predictions-round<N>.npz`` beside its personal state. Why: a study needs per-case
+predictions for bootstrap intervals, ROC/KM curves and paired statistics, and only the site holds the model that
+made them; the server's ``model.pt`` is not it. The file is the site's own (what it could compute from its own
+model and data at any time); it is no part of any reply. A simulated study, which plays every site, reads it
+(:func:`simulated_predictions_path`, ``simulations/study_runner.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +56,13 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedfusion.client.runtime import SiteRuntime, round_schedule, site_policy, study_name
-from fedfusion.common.config import TrainConfig
+from fedfusion.common.config import Schema, TrainConfig
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.personalization import PERSONAL_EPOCHS_KEY, PERSONAL_PREFIX, private_part, shared_part
 from fedfusion.common.records import NUM_EXAMPLES, VAL_COUNT_KEY, VAL_PREFIX, model_to_arrays
 from fedfusion.common.training import (
     LossFunction,
+    Predictions,
     class_weights_for,
     make_loader,
     make_optimizer,
@@ -142,6 +152,73 @@ def load_private(model: torch.nn.Module, arrays: Mapping[str, np.ndarray]) -> No
 def keep_private(model: torch.nn.Module, parts: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The model's private tensors, as numpy copies (what the store keeps)."""
     return {k: v.detach().cpu().numpy().copy() for k, v in private_part(model.state_dict(), parts).items()}
+
+
+#: Arrays of :class:`~fedfusion.common.training.Predictions` a prediction file may hold (absent: the task has none).
+_PREDICTION_FIELDS = ("probs", "labels", "risk", "time", "event")
+
+
+@dataclass(frozen=True)
+class SitePredictions:
+    """A site's per-case test predictions of its own model, as kept in its prediction file.
+
+    ``case_ids`` are the test rows' ``case_id`` in split order (the order the study runner scores a manifest
+    in), so a reader can check the rows line up before pairing them with other methods' predictions.
+    """
+
+    pred: Predictions
+    case_ids: tuple[str, ...]
+    site_id: str
+    server_round: int
+    model: str  # "private-parts", "finetune" or "ditto": which personal model made them
+
+
+def predictions_path(folder: str | Path, site_id: str, study: str, config_hash: str, server_round: int) -> Path:
+    """Where a site keeps round ``server_round``'s per-case test predictions: beside its private-parts file,
+    under the same site/study/configuration key (``personal-state/<site>-<hash>-predictions-round<N>.npz``)."""
+    state = PrivatePartStore.in_folder(folder, site_id, study, config_hash).path
+    return state.with_name(f"{state.stem}-predictions-round{int(server_round)}.npz")
+
+
+def simulated_predictions_path(run_config: Mapping[str, Any], site_id: str, schema: Schema, server_round: int) -> Path:
+    """The prediction file a *simulated* site of this run config writes (no node config: the state folder is the
+    simulation's, ``data-dir`` or ``sim-privacy-policy``'s ledger folder), for a study runner that plays every
+    site. ``run_config`` must be the one the ClientApp ran with (its hash names the file)."""
+    cfg = FederationConfig.from_run_config(dict(run_config))
+    folder = Path(site_policy({}, run_config, site_id).ledger).parent
+    return predictions_path(folder, site_id, study_name(cfg, schema), cfg.config_hash(), server_round)
+
+
+def write_predictions(path: Path, found: SitePredictions) -> None:
+    """Write ``found`` to ``path`` atomically (a retried round overwrites its earlier attempt)."""
+    arrays: dict[str, np.ndarray] = {name: np.asarray(value) for name in _PREDICTION_FIELDS
+                                     if (value := getattr(found.pred, name)) is not None}
+    arrays.update(case_id=np.array(found.case_ids, dtype=str), loss=np.array(float(found.pred.loss)),
+                  site=np.array(found.site_id), round=np.array(int(found.server_round)), model=np.array(found.model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy stubs read **kwds as allow_pickle
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def read_predictions(path: Path) -> SitePredictions:
+    """A prediction file written by :func:`write_predictions`; ValueError when it is not one."""
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ("case_id", "loss", "site", "round", "model") if k not in data.files]
+        if missing:
+            raise ValueError(f"{path}: not a per-case prediction file (missing {missing})")
+        pred = Predictions(**{k: data[k] for k in _PREDICTION_FIELDS if k in data.files}, loss=float(data["loss"]))
+        return SitePredictions(pred=pred, case_ids=tuple(str(c) for c in data["case_id"]), site_id=str(data["site"]),
+                               server_round=int(data["round"]), model=str(data["model"]))
+
+
+def site_test_case_ids(site: SiteRuntime) -> Sequence[str]:
+    """The site's test rows' case ids, in the order its test loader yields them."""
+    rows = site.test_set.rows
+    return [str(c) for c in site.manifest.frame["case_id"].to_numpy()[np.asarray(rows, dtype=int)]]
 
 
 def _val_score(model: torch.nn.Module, site: SiteRuntime, loss_fn: LossFunction) -> tuple[float, float]:
@@ -249,24 +326,48 @@ class SitePersonalization:
     """What the ClientApp's handlers call: the run's personalisation settings bound to one site's store."""
 
     def __init__(self, cfg: FederationConfig, site: SiteRuntime, store: PrivatePartStore | None,
-                 ditto: PrivatePartStore | None = None):
+                 ditto: PrivatePartStore | None = None, state_key: tuple[Path, str, str, str] | None = None):
         self.cfg, self.site, self.store, self.ditto = cfg, site, store, ditto
         self.parts = cfg.personal.private_parts
         self._delivered: torch.nn.Module | None = None  # Ditto: this round's global model, as it arrived
+        # (state folder, site, study, config hash): names the per-case prediction files; None: none are kept
+        self.state_key = state_key
 
     @classmethod
     def for_site(cls, cfg: FederationConfig, site: SiteRuntime, node_config: Mapping[str, Any],
                  run_config: Mapping[str, Any]) -> SitePersonalization:
         """The site's store lives in its state folder: the folder of its privacy ledger."""
-        store = ditto = None
-        if cfg.personal.private_parts or cfg.personal.ditto_lambda > 0:
+        store = ditto = key = None
+        personal = cfg.personal
+        if personal.private_parts or personal.ditto_lambda > 0 or personal.finetune_epochs > 0:
             folder = Path(site_policy(node_config, run_config, site.site_id).ledger).parent
             key = (folder, site.site_id, study_name(cfg, site.schema), cfg.config_hash())
-            if cfg.personal.private_parts:
+            if personal.private_parts:
                 store = PrivatePartStore.in_folder(*key)
-            if cfg.personal.ditto_lambda > 0:
+            if personal.ditto_lambda > 0:
                 ditto = PrivatePartStore.in_folder(*key, kind="ditto")
-        return cls(cfg, site, store, ditto)
+        return cls(cfg, site, store, ditto, key)
+
+    def keep_predictions(self, model: torch.nn.Module, server_round: int, kind: str) -> Path | None:
+        """At the run's last round, write ``model``'s per-case test predictions to the site's state folder
+        (module docstring); returns the file, None when nothing is written (another round, no test rows).
+
+        The model is the one whose metrics this evaluation reports, predicted the way
+        :meth:`SiteRuntime.evaluate` predicts, so metrics computed from the file equal the reported ones.
+        """
+        if self.state_key is None or server_round != self.cfg.num_rounds or len(self.site.test_set) == 0:
+            return None
+        loader = make_loader(self.site.test_set, 256, shuffle=False)
+        try:
+            pred = predict(model, loader, LossFunction(self.site.schema), self.site.device)
+        finally:
+            model.to("cpu")
+        path = predictions_path(*self.state_key, server_round)
+        write_predictions(path, SitePredictions(pred=pred, case_ids=tuple(site_test_case_ids(self.site)),
+                                                site_id=self.site.site_id, server_round=server_round, model=kind))
+        log.info("site %s, round %d: kept its %s model's per-case test predictions at the site (%s)",
+                 self.site.site_id, server_round, kind, path.name)
+        return path
 
     def before_training(self, model: torch.nn.Module, server_round: int) -> None:
         """Round ``server_round`` trains from this site's private part of the previous round it trained;
@@ -302,6 +403,8 @@ class SitePersonalization:
         """Evaluate the site's own model: the delivered shared part with its newest private part."""
         if self.store is not None and (found := self.store.latest(upto=server_round)) is not None:
             load_private(model, found[1])
+        if self.store is not None and not self.cfg.personal.reports_personal:  # this model is the site's own
+            self.keep_predictions(model, server_round, "private-parts")
 
     def finetune_due(self, server_round: int) -> bool:
         """Fine-tune at the run's last round only (cost: N epochs at every site, once)."""
@@ -320,8 +423,10 @@ class SitePersonalization:
         if self.ditto is not None and (found := self.ditto.latest(upto=server_round)) is not None:
             personal = copy.deepcopy(model)
             load_private(personal, found[1])
+            self.keep_predictions(personal, server_round, "ditto")
             return personal_metrics(self.site.evaluate(personal), None)
         tuned, epochs = fine_tune(model, self.site, self.cfg.train, self.cfg.personal.finetune_epochs, server_round)
         log.info("site %s, round %d: fine-tuned a copy for %d of %d epochs (chosen on validation)",
                  self.site.site_id, server_round, epochs, self.cfg.personal.finetune_epochs)
+        self.keep_predictions(tuned, server_round, "finetune")
         return personal_metrics(self.site.evaluate(tuned), epochs)

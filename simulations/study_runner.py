@@ -11,7 +11,9 @@ the per-round rows, and the test predictions the report's curves are drawn from.
 Site-reported metrics are the numbers of record for federated arms (what the federation itself
 measured); the runner also rescores the final global model at each site -- with the statistics the
 site fits on its own training rows, as ``client.runtime`` does -- only to draw curves and to run
-the test-time modality ablation, which sites would not report.
+the test-time modality ablation, which sites would not report. Personalised methods (FedPer, FedAvg+FT,
+Ditto) are scored with each site's own model, which only the site holds: their per-case predictions are
+the ones each simulated site kept in its state folder at the last round (:func:`personal_predictions`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class SeedRun:
                                    partition_options=dict(study.partition_options))
         self.done, self.steps = 0, 1
         self.chosen: dict[str, TunedChoice] = {}  # tuned methods (fedprox-tuned): the value kept in this seed
+        self.run_configs: dict[Path, dict[str, Any]] = {}  # run dir -> the run config its ClientApps ran with
 
     # -- plumbing
 
@@ -209,6 +212,7 @@ class SeedRun:
 
         result = run_simulated_federation(cfg, len(sites), cpus_per_site=self.study.cpus_per_site,
                                           gpus_per_site=self.study.gpus_per_site, on_round=on_round)
+        self.run_configs[run_dir] = _client_run_config(cfg, len(sites))
         self.note_trouble(label, result)
         return result, run_dir
 
@@ -243,18 +247,30 @@ class SeedRun:
         personal = Personalization.from_run_config({**self.study.run_config, **method.overrides})
         own_models = personal.reports_personal or bool(personal.private_parts)
         model = None if own_models else _load_model(run_dir / "model.pt")  # personalised: not the scored model
+        missing: dict[str, str] = {}
+        client_cfg = self.run_configs.get(run_dir)  # None: not run by federate(), so its site files are unknown
         for site, metrics in _final_metrics(result).items():
             if model is None:
                 # scored as each site's own model (its fine-tuned copy / Ditto model / private head); model.pt
-                # is not that model, so no predictions or test-time ablation from it
+                # is not that model, so no test-time ablation; the per-case predictions are the ones each
+                # site kept of its own model at the last round (client/personalization.py)
                 row = personal_view(metrics, self.metric) if personal.reports_personal else metrics
-                self.add(method.name, "federated", site, row, self.schema.modalities, **extra)
+                pred = None
+                if client_cfg is not None:
+                    pred, why = personal_predictions(client_cfg, site, self.schema, row, self.metric,
+                                                     self.manifests.get(site))
+                    if pred is None:
+                        missing[site] = why
+                self.add(method.name, "federated", site, row, self.schema.modalities, pred, **extra)
                 continue
             manifest = self.manifests[site]
             pre = Preprocessor.fit(manifest)  # what the site itself standardises with
             pred = score_site(model, pre, manifest, self.study.device)
             self.add(method.name, "federated", site, metrics, self.schema.modalities, pred, **extra)
             self.ablate(method.name, model, pre, site, manifest)
+        if missing:
+            self.record.notes.append(f"seed {self.seed}, {method.name}: no per-case predictions of the sites' own "
+                                     "models from " + "; ".join(f"{s} ({why})" for s, why in missing.items()))
 
     def add_rounds(self, method: str, result: Any) -> None:
         per_round: dict[int, list[float]] = {}
@@ -365,6 +381,52 @@ def _final_metrics(result: Any) -> dict[str, dict[str, Any]]:
     from fedfusion.server.report import delivered_evaluations
 
     return {str(m["site"]): m for m in sorted(delivered_evaluations(result), key=lambda m: str(m["site"]))}
+
+
+def _client_run_config(run_config: dict[str, Any], num_sites: int) -> dict[str, Any]:
+    """The run config the simulated ClientApps ran with: ``run_simulated_federation`` adds the secure-aggregation
+    test bed's key (same folder again after the run, so the config hash, which names site files, is the same)."""
+    from fedfusion.common.secagg.testbed import with_simulation_keys
+
+    return with_simulation_keys(run_config, num_sites)
+
+
+def personal_predictions(run_config: Mapping[str, Any], site: str, schema: Schema, row: Mapping[str, Any],
+                         metric: str, manifest: Manifest | None = None) -> tuple[Predictions | None, str]:
+    """The per-case test predictions a simulated site kept of its own model (private head, fine-tuned copy,
+    Ditto model) for the delivered round of ``row`` (its evaluate row as the study records it: ``metric`` is
+    the site's own model's), and "" -- or (None, why) when there are none to use.
+
+    Sites keep them for the last round only; predictions are used only when they are the reported model's:
+    ``metric`` recomputed from them equals the reported one (sites release 3 decimals in deployment: within
+    0.0005; a site that withheld it: none are used), the case count matches, and the cases are
+    ``manifest``'s test rows in scoring order (bootstrap resamples pair rows across methods by position).
+    """
+    from fedfusion.client.personalization import read_predictions, simulated_predictions_path
+
+    server_round = int(row.get("round", -1))
+    path = simulated_predictions_path(run_config, site, schema, server_round)
+    if not path.is_file():
+        return None, f"the site kept none for round {server_round}: sites keep them for the run's last round"
+    try:
+        found = read_predictions(path)
+    except (OSError, ValueError) as err:
+        return None, f"unreadable {path.name}: {err}"
+    count = _length(found.pred)
+    expected = row.get("num-examples", row.get("n_test"))
+    if expected is not None and math.isfinite(float(expected)) and int(float(expected)) != count:
+        return None, f"{path.name} holds {count} cases, the site reported {int(float(expected))}"
+    if manifest is not None:
+        ids = manifest.frame["case_id"].to_numpy()[manifest.rows("test")]
+        if tuple(str(c) for c in ids) != found.case_ids:
+            return None, f"{path.name}: its cases are not the site's test rows in order"
+    reported = float(row.get(metric, math.nan))
+    computed = metrics_from(found.pred).get(metric, math.nan)
+    if not math.isfinite(reported) and math.isfinite(computed):  # e.g. sim-min-eval-cases withheld it
+        return None, f"the site released no {metric}; its predictions would show one the table does not"
+    if math.isfinite(reported) and not abs(computed - reported) <= 5e-4 + 1e-9:
+        return None, f"{metric} from {path.name} is {computed:.6f}, the site reported {reported:.6f}"
+    return found.pred, ""
 
 
 def _load_model(path: Path) -> torch.nn.Module:

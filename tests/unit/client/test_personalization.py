@@ -13,12 +13,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedfusion.client.app import make_client_app
-from fedfusion.client.personalization import PrivatePartStore
+from fedfusion.client.personalization import PrivatePartStore, predictions_path, read_predictions
 from fedfusion.common.config import ConfigError, ModelConfig
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.models import create_model
 from fedfusion.common.personalization import PERSONAL_EPOCHS_KEY, Personalization, private_keys
 from fedfusion.common.records import ARRAYS_KEY, METRICS_KEY, NUM_EXAMPLES, arrays_to_numpy, model_to_arrays
+from fedfusion.common.training import metrics_from
 from fedfusion.server.federation import FederationResult, run_federation
 from tests.dashboard_runs import toy_schema
 from tests.secagg_fakes import LoopbackGrid
@@ -184,6 +185,13 @@ def test_fedavg_ft_reports_personal_metrics_of_the_last_round_only(
             assert m["personal_loss"] == m["loss"]
         else:
             assert m["personal_loss"] != m["loss"]
+        # the fine-tuned copy's per-case predictions stay at the site, beside its manifest; a deployed site
+        # releases 3 decimals, so the file's C-index rounds to the released one
+        node = next(n for n in NODES if SITES[n] == m["site"])
+        kept = read_predictions(predictions_path(Path(study[1][node]["manifest"]).parent, m["site"], "schema:toy",
+                                                 FederationConfig.from_run_config(config).config_hash(), 2))
+        assert kept.model == "finetune" and len(kept.case_ids) == 6
+        assert round(metrics_from(kept.pred)["c_index"], 3) == pytest.approx(m["personal_c_index"], abs=1e-9)
     # nothing of the fine-tuned copy leaves: evaluate replies carry no arrays; the global model of the
     # last round is the average of that round's train replies (sent before any fine-tuning)
     assert all(not m.content.array_records for m in grid.received if m.metadata.message_type == "evaluate")
