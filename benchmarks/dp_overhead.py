@@ -10,7 +10,9 @@ Each model runs a plain step, then DP-SGD steps through the site's own wrapping
 (``common.privacy.make_private``: Opacus ``PrivacyEngine``, Poisson sampling, flat clipping) in
 every requested Opacus mode: ``hooks`` (per-sample gradients from module hooks), ``ghost`` (ghost /
 fast gradient clipping: per-sample norms without materialising per-sample gradients, then a second
-backward) and optionally ``functorch``. Times are medians over ``--steps`` steps after ``--warmup``,
+backward), ``fused`` (``common/dp_fused.py``: per-sample norms and the clipped sum from one
+backward, around Opacus' optimizer and accountant) and optionally ``functorch``. Times are medians
+over ``--steps`` steps after ``--warmup``,
 with the modes' steps interleaved (plain, hooks, ghost, plain, ...) so the ratios hold on a machine
 whose load drifts; peak memory is the rise over one step above the memory held before it (CUDA:
 allocator statistics; CPU: the process's peak resident set, reset through ``/proc/self/clear_refs``).
@@ -150,7 +152,7 @@ def build(model_name: str, mode: str, device: torch.device, batch_size: int) -> 
             separable_loss=True,
             device=device,
         )
-        if private.grad_sample_mode != mode:
+        if mode != "auto" and private.grad_sample_mode != mode:
             raise RuntimeError(f"Opacus does not support {mode} mode for this model")
         module, optimizer, loss_fn = private.module, private.optimizer, private.loss_fn
 
@@ -234,7 +236,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--modes", default="hooks,ghost", help="Opacus modes: hooks, ghost, functorch")
+    parser.add_argument("--modes", default="hooks,ghost", help="modes: hooks, ghost, functorch, fused, auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)

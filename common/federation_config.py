@@ -71,7 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "target-delta": 0.0,  # 0 = each site's delta
     "dp-max-grad-norm": 0.0,  # per-sample clipping norm; 0 = each site's max-grad-norm
     "dp-noise-multiplier": 0.0,  # 0 = each site calibrates it to end the planned rounds within budget
-    "dp-grad-sample-mode": "hooks",  # hooks | ghost (classification only) | functorch
+    "dp-grad-sample-mode": "auto",  # auto (fused where it applies, else hooks) | fused | hooks | ghost | functorch
     "dp-physical-batch-size": 0,  # > 0: Opacus' BatchMemoryManager caps the batch through the model
     "client-dp-noise-multiplier": 1.0,  # client mode: server noise, in units of the clipping norm
     "client-dp-clipping-norm": 1.0,  # client mode: each site's update is clipped to this L2 norm

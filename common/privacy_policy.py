@@ -21,7 +21,7 @@ from typing import Any
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 DP_MODES = ("off", "sample", "client")
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "fused", "auto")  # fused/auto: common/dp_fused.py
 DEFAULT_DELTA = 1e-5
 LEDGER_FILENAME = "privacy-ledger.json"
 #: Node-config keys (``--node-config``) that carry a site's policy to its ClientApp.
@@ -191,7 +191,7 @@ class PrivacyRequest:
     target_delta: float = 0.0
     max_grad_norm: float = 0.0
     noise_multiplier: float = 0.0
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
     physical_batch_size: int = 0
     client_noise_multiplier: float = 1.0
     client_clipping_norm: float = 1.0
@@ -253,7 +253,7 @@ class PrivacyTerms:
     noise_multiplier: float | None  # None: calibrate for the planned rounds
     accountant: str
     epsilon_cap_all_studies: float = math.inf
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "auto"
     physical_batch_size: int = 0
 
 

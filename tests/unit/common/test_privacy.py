@@ -93,7 +93,7 @@ class _CrossEntropy:
         return nn.functional.cross_entropy(outputs["logits"], batch["label"])
 
 
-@pytest.mark.parametrize(("mode", "physical"), [("hooks", 3), ("ghost", 0), ("functorch", 0)])
+@pytest.mark.parametrize(("mode", "physical"), [("hooks", 3), ("ghost", 0), ("functorch", 0), ("fused", 3)])
 def test_private_epochs_count_every_logical_step(mode: str, physical: int) -> None:
     torch.manual_seed(0)
     model = _Toy()
@@ -132,7 +132,8 @@ def test_private_epochs_count_every_logical_step(mode: str, physical: int) -> No
     assert all(not torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start, strict=True))
 
 
-def test_empty_poisson_batch_still_takes_a_noisy_counted_step() -> None:
+@pytest.mark.parametrize("mode", ["hooks", "fused"])
+def test_empty_poisson_batch_still_takes_a_noisy_counted_step(mode: str) -> None:
     model = _Toy()
     private = make_private(
         model,
@@ -142,6 +143,7 @@ def test_empty_poisson_batch_still_takes_a_noisy_counted_step() -> None:
         batch_size=4,
         noise_multiplier=1.0,
         max_grad_norm=1.0,
+        grad_sample_mode=mode,
         secret_seed=1,
     )
     before = model.linear.weight.detach().clone()
