@@ -34,6 +34,16 @@ def site(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages need a run identity, which Flower's runtime sets in a real ServerApp/ClientApp process.
+    Modules that build Messages outside one opt in with ``pytest.mark.usefixtures("flower_task_identity")``."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+@pytest.fixture
 def one_torch_thread():
     """Many tiny ops: one intra-op thread is as fast uncontended and far faster when other jobs share
     the cores (OpenMP workers spin-wait on busy CPUs). Modules opt in with

@@ -20,13 +20,7 @@ GROUPS = {"encoders.image.w": "image", "encoders.image.b": "image", "encoders.om
           "fusion.w": "fusion", "heads.risk.w": "head", "heads.risk.b": "head"}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need a run identity, which Flower's runtime sets in a real ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def _model(seed: int = 0) -> dict[str, np.ndarray]:
