@@ -152,7 +152,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         # spends besides "train-seconds" is ours to cut (benchmarks/scale.py splits a round by it).
         metrics = {**metrics, CLIENT_SECONDS_KEY: time.perf_counter() - began}
         arrays, site_record = personal.reply_arrays(model, server_round), {"site-id": site.site_id}
-        if is_packed(config):  # answered in the format asked in (secure aggregation's stage one: per tensor)
+        if is_packed(config):  # answered in the format asked in (a per-tensor request gets per-tensor arrays)
             arrays, site_record[LAYOUT_KEY] = pack_reply(arrays, model)
         content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics_record(metrics),
                               SITE_KEY: ConfigRecord(site_record)})

@@ -44,6 +44,7 @@ from fedfusion.client.releases import ANSWERS_FILENAME, AnswerBook, answer_key
 from fedfusion.client.secagg_identity import site_identity, truthy
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.flower_adapter import ClientAppCallable, ErrorCode, Mod
+from fedfusion.common.packing import PackLayout, sent_layout
 from fedfusion.common.personalization import shared_part
 from fedfusion.common.records import (
     ARRAYS_KEY,
@@ -54,7 +55,6 @@ from fedfusion.common.records import (
     arrays_to_numpy,
     is_modality_count_key,
     modality_count,
-    numpy_to_arrays,
     refusal_reason,
 )
 from fedfusion.common.secagg import (
@@ -68,6 +68,7 @@ from fedfusion.common.secagg import (
     bundles_from_dict,
     bundles_to_dict,
 )
+from fedfusion.common.secagg.quantize import QuantizeResult
 from fedfusion.common.secagg.settings import (
     ACTION_ADVERTISE_KEYS,
     ACTION_CONSISTENCY,
@@ -81,6 +82,7 @@ from fedfusion.common.secagg.settings import (
     LAYOUT_KEY,
     MASKED_ARRAY,
     MASKED_KEY,
+    PACKING_KEY,
     REQUEST_KEY,
     ROUND_KEY,
     SHARES_KEY,
@@ -111,7 +113,9 @@ TEST_DROP_AT_UNMASK_KEY = "test-secagg-drop-at-unmask"
 STATE_CLIENT = "secagg-client"
 """context.state ConfigRecord: ``SecAggClient.to_state()`` (secrets; never sent)."""
 STATE_UPDATE = "secagg-update"
-"""context.state ArrayRecord: the trained update minus the global model, float64, until stage 3."""
+"""context.state ArrayRecord: the trained update minus the global model, clipped, weighted and quantised
+(:meth:`SecAggClient.encode`: one vector, :data:`ENCODED_ARRAY`), not yet masked, until stage 3."""
+ENCODED_ARRAY = "encoded"
 STATE_ROUND = "secagg-round-info"
 """context.state ConfigRecord: this site's per-group weights (example counts), site id and round."""
 _STATE_KEYS = (STATE_CLIENT, STATE_UPDATE, STATE_ROUND)
@@ -175,15 +179,18 @@ def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallab
     check_round(config, identity.policy)
     layout = VectorLayout.from_json(str(record[LAYOUT_KEY]))
     weight_keys = json.loads(str(record[WEIGHT_KEYS_KEY]))
+    packing = _sent_packing(msg)
+    received = (packing.unpack(msg.content[ARRAYS_KEY], packing.sha256) if packing is not None
+                else arrays_to_numpy(msg.content[ARRAYS_KEY]))
     # the site's private parts (private-parts) are neither masked nor sent: the layout covers the shared part
-    current = shared_part(arrays_to_numpy(msg.content[ARRAYS_KEY]), cfg.personal.private_parts)
+    current = shared_part(received, cfg.personal.private_parts)
     check_layout(layout, weight_keys, current)
     node_id = int(msg.metadata.dst_node_id)
     client = SecAggClient(node_id, config, layout)  # refuses a layout or node set it cannot serve, before training
-    reply = train(msg, context)
+    reply = train(msg, context)  # checks the packing's hash against this site's own model before training
     if reply.has_error() or refusal_reason(reply) is not None:
         return reply  # an error or a privacy refusal carries no update
-    trained = arrays_to_numpy(reply.content[ARRAYS_KEY])
+    trained = _trained_state(reply, packing, current)
     metrics = reply.content[METRICS_KEY]
     # a shared multi-sequence image encoder has no count of its own: modality_count sums its sequences'
     weights = {group: float(metrics.get(key, 0.0)) if key == NUM_EXAMPLES else modality_count(metrics, group)
@@ -194,15 +201,21 @@ def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallab
                              f"secagg-weight-bound ({config.weight_bound:g}); the coordinator must raise it")
     names = [entry.name for entry in layout.entries if entry.name != CLIPPED_ENTRY]
     delta = {name: trained[name].astype(np.float64) - current[name].astype(np.float64) for name in names}
+    fraction = clipped_fraction(delta, weights, config, layout)
+    delta[CLIPPED_ENTRY] = np.array([fraction * config.clip])
+    encoded = client.encode(delta, weights)  # kept quantised, one vector, until stage 3 masks it
+    del delta, trained
     keys = client.advertise_keys()
     keys = AdvertisedKeys(keys.encryption_key, keys.mask_key, identity.site_id,
                           advertisement_signature(identity.key, identity.site_id, node_id, keys, config,
                                                   identity.roster))
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     site = reply.content.config_records.get(SITE_KEY)
-    context.state[STATE_UPDATE] = numpy_to_arrays(delta)
+    context.state[STATE_UPDATE] = ArrayRecord({ENCODED_ARRAY: Array(encoded.values)})
     context.state[STATE_ROUND] = ConfigRecord({
         "weights": json.dumps(weights, sort_keys=True),
+        "clipped": encoded.clipped,
+        "clipped-fraction": fraction,
         "site-id": str(site.get("site-id", node_id)) if site is not None else str(node_id),  # the data's site
         "server-round": server_round,
         "answer-key": answer_key(identity.site_id, cfg.study or cfg.schema, server_round, current),
@@ -238,18 +251,14 @@ def handle_masked_input(msg: Message, context: Context) -> Message:
     bundles = bundles_from_dict({k: v for k, v in record.items() if k != CONTEXT_KEY})
     if STATE_UPDATE not in context.state or STATE_ROUND not in context.state:
         raise ProtocolViolation("no trained update is kept for this round (the site restarted since stage 1)")
-    update = arrays_to_numpy(context.state[STATE_UPDATE])
     info = context.state[STATE_ROUND]
-    weights = {group: float(w) for group, w in json.loads(str(info["weights"])).items()}
-    clip = client.config.clip
-    fraction = clipped_fraction(update, weights, client.config, client.layout)
-    update[CLIPPED_ENTRY] = np.array([fraction * clip])
-    masked = client.masked_input(bundles, update, weights)
+    encoded = QuantizeResult(context.state[STATE_UPDATE][ENCODED_ARRAY].numpy(), int(info.get("clipped", 0)))
+    masked = client.masked_encoded(bundles, encoded)
     del context.state[STATE_UPDATE]  # the update exists only masked from here on
     _save(context, client)
     if masked.clipped:
         log.info("round %s: %d update entries clipped to ±%g before masking (fraction %.2e)",
-                 info.get("server-round"), masked.clipped, clip, fraction)
+                 info.get("server-round"), masked.clipped, client.config.clip, float(info.get("clipped-fraction", 0)))
     return Message(RecordDict({MASKED_KEY: ArrayRecord({MASKED_ARRAY: Array(masked.vector)})}), reply_to=msg)
 
 
@@ -308,6 +317,29 @@ def handle_unmask(msg: Message, context: Context, run_config: Mapping[str, Any])
     reply = client.unmask(request)
     clear_state(context)
     return Message(RecordDict({SHARES_KEY: ConfigRecord(reply.to_dict())}), reply_to=msg)
+
+
+def _sent_packing(msg: Message) -> PackLayout | None:
+    """The packing of stage one's global model (None: sent per tensor), from the slots the coordinator sent,
+    accepted only when they hash to the layout its train config names (common/packing.py)."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if sent_layout(config) is None:
+        return None
+    slots = msg.content[ROUND_KEY].get(PACKING_KEY)
+    if slots is None:
+        raise ProtocolViolation("stage one sent a packed model without its packing slots")
+    return PackLayout.from_json(str(slots), sent_layout(config))
+
+
+def _trained_state(reply: Message, packing: PackLayout | None,
+                   current: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The trained weights of this site's train reply (packed when it was asked packed: the shared part of
+    ``packing``, the layout the reply names)."""
+    arrays = reply.content[ARRAYS_KEY]
+    if packing is None:
+        return arrays_to_numpy(arrays)
+    site = reply.content.config_records.get(SITE_KEY)
+    return packing.subset(current).unpack(arrays, sent_layout(site))
 
 
 def check_layout(layout: VectorLayout, weight_keys: Mapping[str, str], current: Mapping[str, np.ndarray]) -> None:

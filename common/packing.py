@@ -14,16 +14,19 @@ ConfigRecord from the coordinator, in the reply's ``site`` ConfigRecord from a s
 own layout hashes differently refuses the message (:class:`LayoutMismatch`), because unpacking it would
 put one tensor's numbers into another.
 
-Messages without :data:`LAYOUT_KEY` are the per-tensor format (one Array per state_dict key): the
-secure-aggregation stages still send the global model that way (their update travels as one masked
-vector of its own), and a site answers in the format it was asked in.
+Messages without :data:`LAYOUT_KEY` are the per-tensor format (one Array per state_dict key), and a
+site answers in the format it was asked in. Secure aggregation's stage one sends the packed global model
+*and* the layout's slots (:meth:`PackLayout.to_json`: names, shapes, dtypes; no values), because its
+handler must read the global model and the trained update before it masks, without a model of its own;
+:meth:`PackLayout.from_json` accepts those slots only when they hash to the sent :data:`LAYOUT_KEY`, the
+hash the site's training then checks against its own model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -93,17 +96,47 @@ class PackLayout:
         Sorted by array key and name, so it does not depend on the dict's order on either side.
         """
         specs = {name: _spec(value) for name, value in tensors.items()}
-        keyed = sorted((_array_key(group_of_key(name, parameter_groups), dtype), name)
-                       for name, (_, dtype) in specs.items())
+        return cls._placed({name: (_array_key(group_of_key(name, parameter_groups), dtype), dtype, shape)
+                            for name, (shape, dtype) in specs.items()})
+
+    @classmethod
+    def _placed(cls, specs: Mapping[str, tuple[str, np.dtype, tuple[int, ...]]]) -> PackLayout:
+        """Slots for ``name -> (array key, dtype, shape)``, offsets assigned in (array key, name) order."""
         slots: list[Slot] = []
         offsets: dict[str, int] = {}
-        for key, name in keyed:
-            shape, dtype = specs[name]
+        for name in sorted(specs, key=lambda n: (specs[n][0], n)):
+            key, dtype, shape = specs[name]
             size = int(np.prod(shape, dtype=np.int64))
             offset = offsets.get(key, 0)
-            slots.append(Slot(name, key, dtype.name, shape, offset, size))
+            slots.append(Slot(name, key, np.dtype(dtype).name, tuple(shape), offset, size))
             offsets[key] = offset + size
         return cls(tuple(slots))
+
+    def to_json(self) -> str:
+        """The slots as canonical JSON (array key, name, dtype, shape): what secure aggregation's stage one
+        sends beside the packed model so the site's handler can read it (no values)."""
+        return json.dumps([[s.key, s.name, s.dtype, list(s.shape)] for s in self.slots], separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, sent_sha256: str | None) -> PackLayout:
+        """The layout :meth:`to_json` wrote, accepted only when it hashes to ``sent_sha256`` (offsets are
+        recomputed here, never read): slots that do not describe the sent arrays are refused."""
+        try:
+            rows = json.loads(text)
+            layout = cls._placed({str(name): (str(key), np.dtype(str(dtype)), tuple(int(d) for d in shape))
+                                  for key, name, dtype, shape in rows})
+        except (TypeError, ValueError) as err:
+            raise LayoutMismatch(f"unreadable packing layout: {err}") from None
+        if layout.sha256 != sent_sha256:
+            raise LayoutMismatch(f"the packing layout sent hashes to {layout.sha256[:12]}, the message names "
+                                 f"{str(sent_sha256)[:12]}")
+        return layout
+
+    def subset(self, names: Iterable[str]) -> PackLayout:
+        """The layout of only ``names`` (e.g. a reply without the site's private parts), re-placed as
+        :meth:`of` would place those tensors."""
+        keep = set(names)
+        return PackLayout._placed({s.name: (s.key, np.dtype(s.dtype), s.shape) for s in self.slots if s.name in keep})
 
     @cached_property
     def sha256(self) -> str:

@@ -5,9 +5,9 @@ With ``secure-aggregation = true`` the round loop (:mod:`fedfusion.server.federa
 ``send_and_collect`` over the Grid (``train.<action>`` messages, answered by
 :mod:`fedfusion.client.secure_aggregation`):
 
-1. ``secagg_advertise_keys``: the global model, the train config and the round's public
-   ``SecAggConfig`` (sampled node ids, threshold, graph seed, layout). Each site trains exactly as in
-   a plain round, keeps its update, and answers with two X25519 public keys.
+1. ``secagg_advertise_keys``: the global model (packed, as in a plain round), the train config and the
+   round's public ``SecAggConfig`` (sampled node ids, threshold, graph seed, layout, packing slots).
+   Each site trains exactly as in a plain round, keeps its update, and answers with two X25519 public keys.
 2. ``secagg_share_keys``: everyone's public keys; each site answers with AES-GCM ciphertexts of
    Shamir shares of its secrets, one per neighbour, which the server cannot open.
 3. ``secagg_masked_input``: the ciphertexts addressed to each site; each answers with its masked
@@ -48,7 +48,7 @@ from flwr.serverapp import Grid
 
 from fedfusion.common.config import ConfigError
 from fedfusion.common.federation_config import FederationConfig
-from fedfusion.common.packing import LAYOUT_KEY as PACKED_LAYOUT_KEY
+from fedfusion.common.packing import PackLayout
 from fedfusion.common.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -82,6 +82,7 @@ from fedfusion.common.secagg.settings import (
     LAYOUT_KEY,
     MASKED_ARRAY,
     MASKED_KEY,
+    PACKING_KEY,
     REQUEST_KEY,
     ROUND_KEY,
     SHARES_KEY,
@@ -194,13 +195,15 @@ def run_secure_round(grid: Grid, strategy: ModalityAwareFedAvg, server_round: in
                            f"{ROW_PREFIX}degree": config.degree, f"{ROW_PREFIX}failed": 0}
     outcome = SecureRoundOutcome(arrays=None, row=row)
     server = SecAggServer(config, layout)
-    # stage one sends the global model per tensor (the update travels as one masked vector): no packed layout
-    train_config = ConfigRecord({k: v for k, v in configured[0].content[CONFIG_KEY].items()
-                                 if k != PACKED_LAYOUT_KEY}
-                                if configured else {})
+    # Stage one carries the strategy's train message (the global model packed: common/packing.py) plus the
+    # packing's slots, which the site's handler needs to read that model and its own update before masking.
+    train_content = configured[0].content
+    packing = PackLayout.of(current, strategy.parameter_groups)
     round_record = ConfigRecord({**config.to_record(), LAYOUT_KEY: layout.to_json(),
-                                 WEIGHT_KEYS_KEY: json.dumps(weight_keys, sort_keys=True)})
-    stage_one = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: train_config, ROUND_KEY: round_record})
+                                 WEIGHT_KEYS_KEY: json.dumps(weight_keys, sort_keys=True),
+                                 PACKING_KEY: packing.to_json()})
+    stage_one = RecordDict({ARRAYS_KEY: train_content[ARRAYS_KEY], CONFIG_KEY: train_content[CONFIG_KEY],
+                            ROUND_KEY: round_record})
     try:
         replies = _exchange(grid, server_round, ACTION_ADVERTISE_KEYS, {n: stage_one for n in nodes},
                             timeout=cfg.round_timeout, strategy=strategy)

@@ -24,8 +24,10 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation
 from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.packing import LAYOUT_KEY, PackLayout, is_packed, sent_layout
 from fedfusion.common.records import (
     ARRAYS_KEY,
+    CONFIG_KEY,
     METRICS_KEY,
     NUM_EXAMPLES,
     REFUSED_KEY,
@@ -36,7 +38,7 @@ from fedfusion.common.records import (
 )
 from fedfusion.common.roster import Roster
 from fedfusion.common.secagg import AdvertisedKeys, SecAggConfig
-from fedfusion.common.secagg.settings import CONTEXT_KEY
+from fedfusion.common.secagg.settings import CONTEXT_KEY, PACKING_KEY, ROUND_KEY
 from fedfusion.common.secagg.testbed import partition_key_path, write_testbed
 
 #: state_dict key -> parameter group, as ``FusionModel.parameter_groups()`` gives them (buffers absent).
@@ -92,10 +94,21 @@ def make_train(sites: Mapping[int, FakeSite]) -> Any:
             return Message(RecordDict({METRICS_KEY: MetricRecord({"epsilon": 1.5}),
                                        SITE_KEY: ConfigRecord({"site-id": site.name, REFUSED_KEY: "budget spent"})}),
                            reply_to=msg)
-        current = arrays_to_numpy(msg.content[ARRAYS_KEY])
+        # as client/app.py: a packed model is read with the site's layout, the reply packed likewise (a fake
+        # site has no model: it reads secure stage one's sent slots, which client/app.py checks against its own)
+        config = msg.content.config_records.get(CONFIG_KEY)
+        slots = msg.content[ROUND_KEY].get(PACKING_KEY) if ROUND_KEY in msg.content else None
+        layout = (PackLayout.from_json(str(slots), sent_layout(config)) if slots is not None
+                  else PackLayout.of(global_model(), PARAMETER_GROUPS))
+        current = (layout.unpack(msg.content[ARRAYS_KEY], sent_layout(config)) if is_packed(config)
+                   else arrays_to_numpy(msg.content[ARRAYS_KEY]))
         new = {k: (v + site.delta[k]).astype(v.dtype) if k in site.delta else v + 3 for k, v in current.items()}
-        return Message(RecordDict({ARRAYS_KEY: numpy_to_arrays(new), METRICS_KEY: MetricRecord(site.counts),
-                                   SITE_KEY: ConfigRecord({"site-id": site.name})}), reply_to=msg)
+        packed = is_packed(config)
+        return Message(RecordDict({ARRAYS_KEY: layout.pack(new) if packed else numpy_to_arrays(new),
+                                   METRICS_KEY: MetricRecord(site.counts),
+                                   SITE_KEY: ConfigRecord({"site-id": site.name,
+                                                           **({LAYOUT_KEY: layout.sha256} if packed else {})})}),
+                       reply_to=msg)
 
     return train
 

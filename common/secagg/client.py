@@ -36,8 +36,9 @@ from fedfusion.common.secagg.keys import (
     encrypt_bundle,
 )
 from fedfusion.common.secagg.layout import VectorLayout
-from fedfusion.common.secagg.masking import apply_masks
+from fedfusion.common.secagg.masking import apply_masks, vector_dtype
 from fedfusion.common.secagg.messages import AdvertisedKeys, MaskedInput, Stage, UnmaskReply, UnmaskRequest
+from fedfusion.common.secagg.quantize import QuantizeResult
 from fedfusion.common.secagg.shamir import SHARE_BYTES, Share, split_secret_at
 
 
@@ -117,21 +118,36 @@ class SecAggClient:
         self._stage = Stage.MASKED_INPUT
         return bundles
 
+    def encode(self, update: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> QuantizeResult:
+        """``q(w * x)``: the update quantised for this round's layout, not yet masked (any stage).
+
+        ``update`` maps parameter names to arrays within ``[-clip, clip]`` (larger entries are
+        clipped and counted); ``weights`` maps each parameter group to this site's example count for
+        it (0 or absent: the site lacks the group and contributes zeros). A site that answers each
+        message in a new process keeps this one vector between stages instead of ~100 float tensors.
+        """
+        return self._encoder.encode(update, weights)
+
     def masked_input(
         self,
         bundles: Mapping[int, bytes],
         update: Mapping[str, np.ndarray],
         weights: Mapping[str, float],
     ) -> MaskedInput:
+        """Stage 3: :meth:`masked_encoded` of :meth:`encode` (``update``, ``weights``)."""
+        return self.masked_encoded(bundles, self.encode(update, weights))
+
+    def masked_encoded(self, bundles: Mapping[int, bytes], encoded: QuantizeResult) -> MaskedInput:
         """Stage 3: store the shares other holders sent (``bundles``: sender id -> ciphertext), then
         return ``y = q(w * x) + PRG(b) + sum_j sign * PRG(s_ij)`` mod 2^bits, pairwise masks only
-        with neighbours whose bundles arrived (those that completed stage 2).
-
-        ``update`` maps parameter names to arrays within ``[-clip, clip]`` (larger entries are
-        clipped and counted); ``weights`` maps each parameter group to this site's example count for
-        it (0 or absent: the site lacks the group and contributes zeros).
+        with neighbours whose bundles arrived (those that completed stage 2). ``encoded`` is
+        :meth:`encode`'s result for this round.
         """
         self._begin(Stage.MASKED_INPUT)
+        dtype = vector_dtype(self.config.bits)
+        if encoded.values.shape != (self.layout.length,) or encoded.values.dtype != dtype:
+            raise ValueError(f"the encoded update is {encoded.values.dtype}{list(encoded.values.shape)}, this round "
+                             f"masks {dtype}[{self.layout.length}]")
         assert self._encryption_pair is not None and self._mask_pair is not None and self._self_seed is not None
         for sender, ciphertext in sorted(bundles.items()):
             if sender not in self._keys or sender == self.node_id:
@@ -156,7 +172,6 @@ class SecAggClient:
             raise SecAggAbort(
                 f"only {len(bundles)} neighbours completed key sharing, the threshold is {self.config.threshold}"
             )
-        encoded = self._encoder.encode(update, weights)
         pairwise = {
             peer: derive_pairwise_seed(
                 self._mask_pair, self._keys[peer].mask_key, self.node_id, peer, self.config.context, PURPOSE_MASK

@@ -33,6 +33,7 @@ ROUND_KEY = "secagg-round"  # stage 1: SecAggConfig.to_record() + layout + weigh
 CONTEXT_KEY = "context"  # in every stage message: the round's context id, ties a stage to the round
 LAYOUT_KEY = "layout"
 WEIGHT_KEYS_KEY = "weight-keys"
+PACKING_KEY = "packing"  # stage 1: the packed global model's slots (common/packing.py), no values
 KEYS_KEY = "secagg-keys"  # stage 1 reply: this site's public keys; stage 2 message: everyone's
 BUNDLES_KEY = "secagg-bundles"  # stage 2 reply: ciphertexts by recipient; stage 3 message: by sender
 MASKED_KEY = "secagg-masked"  # stage 3 reply: ArrayRecord with the masked vector

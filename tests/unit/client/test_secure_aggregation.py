@@ -12,14 +12,18 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedfusion.client.secure_aggregation import (
+    ENCODED_ARRAY,
     STATE_CLIENT,
     STATE_ROUND,
     STATE_UPDATE,
     TEST_DROP_AT_UNMASK_KEY,
 )
+from fedfusion.common.packing import LAYOUT_KEY as PACKED_LAYOUT_KEY
+from fedfusion.common.packing import PackLayout
 from fedfusion.common.records import ARRAYS_KEY, CONFIG_KEY, numpy_to_arrays
 from fedfusion.common.secagg import (
     AdvertisedKeys,
+    SecAggClient,
     SecAggConfig,
     SecAggServer,
     Stage,
@@ -38,6 +42,7 @@ from fedfusion.common.secagg.settings import (
     KEYS_KEY,
     LAYOUT_KEY,
     MASKED_KEY,
+    PACKING_KEY,
     REQUEST_KEY,
     ROUND_KEY,
     SHARES_KEY,
@@ -87,6 +92,10 @@ class _Site:
         reply = self.app(msg, context)
         self.state = roundtrip(context.state)
         return reply
+
+
+def _layout() -> Any:
+    return masked_layout(global_model(), PARAMETER_GROUPS)[0]
 
 
 def _round_setup(nodes: list[int] = NODES) -> tuple[SecAggConfig, RecordDict, SecAggServer]:
@@ -156,8 +165,52 @@ def test_update_is_kept_after_training_and_deleted_once_masked() -> None:
     assert STATE_UPDATE in site.state and STATE_CLIENT in site.state
     state = site.state[STATE_CLIENT]
     assert Stage(int(state["stage"])) is Stage.SHARE_KEYS and "mask-private-key" in state
-    kept = site.state[STATE_UPDATE]["fusion.w"].numpy()
-    np.testing.assert_allclose(kept, site.sites[NODES[0]].delta["fusion.w"], atol=1e-6)
+    # kept as one quantised vector q(w * delta) (not masked yet): decoding it gives the site's delta back
+    kept = site.state[STATE_UPDATE][ENCODED_ARRAY].numpy()
+    assert list(site.state[STATE_UPDATE].keys()) == [ENCODED_ARRAY] and kept.dtype == np.uint32
+    sums, weights = config.encoder(SecAggClient(NODES[0], config, _layout()).layout).decode_sum(kept, 1)
+    fake = site.sites[NODES[0]]
+    np.testing.assert_allclose(sums["fusion.w"] / weights["shared"], fake.delta["fusion.w"], atol=1e-5)
+    assert weights["shared"] == pytest.approx(fake.counts["num-examples"], abs=1e-3)
+
+
+def _packed_content(content: RecordDict, **round_values: Any) -> RecordDict:
+    """``content`` (stage one) with the global model packed as the coordinator's strategy packs it."""
+    packing = PackLayout.of(global_model(), PARAMETER_GROUPS)
+    round_record = ConfigRecord({**dict(content[ROUND_KEY]), PACKING_KEY: packing.to_json(), **round_values})
+    return RecordDict({ARRAYS_KEY: packing.pack(global_model()),
+                       CONFIG_KEY: ConfigRecord({**dict(content[CONFIG_KEY]), PACKED_LAYOUT_KEY: packing.sha256}),
+                       ROUND_KEY: round_record})
+
+
+def test_packed_stage_one_keeps_the_same_update_as_per_tensor() -> None:
+    """Stage one sends the packed model and its slots; the site keeps exactly the vector a per-tensor
+    stage one gives (same delta, same weights), so masking does not depend on the wire format."""
+    config, content, _ = _round_setup()
+    per_tensor, packed = _Site(NODES[0]), _Site(NODES[0])
+    per_tensor.send(ACTION_ADVERTISE_KEYS, content)
+    reply = packed.send(ACTION_ADVERTISE_KEYS, _packed_content(content))
+    assert set(reply.content.keys()) == {KEYS_KEY}
+    np.testing.assert_array_equal(packed.state[STATE_UPDATE][ENCODED_ARRAY].numpy(),
+                                  per_tensor.state[STATE_UPDATE][ENCODED_ARRAY].numpy())
+
+
+@pytest.mark.parametrize("slots", ["missing", "tampered", "garbage"])
+def test_packing_slots_that_do_not_match_the_sent_layout_are_refused_before_training(slots: str) -> None:
+    """A coordinator that describes the packed bytes differently from the layout hash it names (to have
+    one tensor's numbers read as another's) is refused before the site trains or keeps anything."""
+    config, content, _ = _round_setup()
+    packed = _packed_content(content)
+    rows = json.loads(str(packed[ROUND_KEY][PACKING_KEY]))
+    rows[0][1], rows[1][1] = rows[1][1], rows[0][1]  # two tensors' names swapped
+    values = {"missing": {}, "tampered": {PACKING_KEY: json.dumps(rows)}, "garbage": {PACKING_KEY: "[[1]]"}}[slots]
+    record = {k: v for k, v in dict(packed[ROUND_KEY]).items() if k != PACKING_KEY}
+    packed = RecordDict({ARRAYS_KEY: packed[ARRAYS_KEY], CONFIG_KEY: packed[CONFIG_KEY],
+                         ROUND_KEY: ConfigRecord({**record, **values})})
+    site = _Site(NODES[0])
+    reply = site.send(ACTION_ADVERTISE_KEYS, packed)
+    assert reply.has_error() and ("packing" in reply.error.reason), reply.error.reason
+    assert site.sites[NODES[0]].trained == 0 and STATE_UPDATE not in site.state
 
 
 def test_secrets_are_discarded_after_masking() -> None:
