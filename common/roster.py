@@ -21,6 +21,7 @@ label keeps a signature made for one protocol step from being replayed as anothe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -63,7 +64,7 @@ class Roster:
     def from_lines(cls, lines: Mapping[str, str], source: str = "<memory>") -> Roster:
         if not lines:
             raise RosterError(f"{source}: the roster names no site")
-        keys = {str(site): _public_key(line, f"{source}: site {site!r}") for site, line in lines.items()}
+        keys = {str(site): _cached_public_key(line, f"{source}: site {site!r}") for site, line in lines.items()}
         canonical = json.dumps({s: " ".join(lines[s].split()[:2]) for s in sorted(lines)}, sort_keys=True)
         return cls(keys=keys, fingerprint=hashlib.sha256(canonical.encode()).hexdigest(), source=source)
 
@@ -95,6 +96,13 @@ class Roster:
         except InvalidSignature:
             return False
         return True
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_public_key(line: str, where: str) -> ec.EllipticCurvePublicKey:
+    """:func:`_public_key`, parsed once per process: a site checks the roster in every secure-aggregation
+    stage, and parsing each OpenSSH key again was a fixed cost of every message (the key is immutable)."""
+    return _public_key(line, where)
 
 
 def _raw(key: ec.EllipticCurvePublicKey) -> bytes:
