@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
@@ -151,9 +151,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         # The whole handler (site build, model build and (de)serialisation, training): what the site
         # spends besides "train-seconds" is ours to cut (benchmarks/scale.py splits a round by it).
         metrics = {**metrics, CLIENT_SECONDS_KEY: time.perf_counter() - began}
-        arrays, site_record = personal.reply_arrays(model, server_round), {"site-id": site.site_id}
+        state, site_record = personal.reply_state(model, server_round), {"site-id": site.site_id}
         if is_packed(config):  # answered in the format asked in (a per-tensor request gets per-tensor arrays)
-            arrays, site_record[LAYOUT_KEY] = pack_reply(arrays, model)
+            arrays, site_record[LAYOUT_KEY] = pack_reply(state, model)
+        else:
+            arrays = ArrayRecord(state)
         content = RecordDict({ARRAYS_KEY: arrays, METRICS_KEY: metrics_record(metrics),
                               SITE_KEY: ConfigRecord(site_record)})
         if privacy is not None:  # on disk before it leaves: a resumed run's identical request gets it again

@@ -53,13 +53,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 
 from fedfusion.client.runtime import SiteRuntime, round_schedule, site_policy, study_name
 from fedfusion.common.config import Schema, TrainConfig
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.personalization import PERSONAL_EPOCHS_KEY, PERSONAL_PREFIX, private_part, shared_part
-from fedfusion.common.records import NUM_EXAMPLES, VAL_COUNT_KEY, VAL_PREFIX, model_to_arrays
+from fedfusion.common.records import NUM_EXAMPLES, VAL_COUNT_KEY, VAL_PREFIX
 from fedfusion.common.training import (
     LossFunction,
     Predictions,
@@ -392,12 +391,13 @@ class SitePersonalization:
                  self.site.site_id, server_round, self.cfg.personal.ditto_lambda, loss)
         self._delivered = None
 
-    def reply_arrays(self, model: torch.nn.Module, server_round: int) -> ArrayRecord:
-        """Keep the private part (on disk before anything leaves), send the shared part only."""
+    def reply_state(self, model: torch.nn.Module, server_round: int) -> dict[str, torch.Tensor]:
+        """Keep the private part (on disk before anything leaves), send the shared part only: the tensors
+        the reply carries (the caller packs them or wraps them per tensor, common/packing.py)."""
         if self.store is None:
-            return model_to_arrays(model)
+            return dict(model.state_dict())
         self.store.save(server_round, keep_private(model, self.parts))
-        return ArrayRecord(shared_part(model.state_dict(), self.parts))
+        return dict(shared_part(model.state_dict(), self.parts))
 
     def before_evaluation(self, model: torch.nn.Module, server_round: int) -> None:
         """Evaluate the site's own model: the delivered shared part with its newest private part."""

@@ -222,8 +222,10 @@ def load_received(arrays: ArrayRecord, config: Mapping[str, Any] | None, model: 
     return model
 
 
-def pack_reply(arrays: ArrayRecord, model: Any) -> tuple[ArrayRecord, str]:
-    """(packed arrays, layout hash) of what a site sends (the shared part: private keys already left out)."""
-    tensors = {key: value.numpy() for key, value in arrays.items()}
+def pack_reply(state: Mapping[str, Any], model: Any) -> tuple[ArrayRecord, str]:
+    """(packed arrays, layout hash) of what a site sends: ``state`` is the shared part of its state_dict
+    (private keys already left out), packed straight from the tensors (one copy, no per-tensor Array)."""
+    tensors = {key: value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+               for key, value in state.items()}
     layout = PackLayout.of(tensors, name_groups(model) if hasattr(model, "parameter_groups") else {})
     return layout.pack(tensors), layout.sha256
