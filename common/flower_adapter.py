@@ -20,9 +20,11 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from importlib import metadata
+from types import TracebackType
 
-from flwr.app import Context, Message
+from flwr.app import Context, Message, RecordDict
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
@@ -77,9 +79,11 @@ def check_flower_version(component: str = "fedfusion", *, installed: str | None 
 
 try:  # Internal names: a Flower that moved one fails here with the version line, not a bare ImportError.
     from flwr.common.constant import ErrorCode
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
     from flwr.serverapp.exception import InconsistentMessageReplies
     from flwr.supercore import log as flower_log
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+    from flwr.supercore.task_identity import TaskIdentity
 except ImportError as _missing:  # pragma: no cover - only on an unverified Flower
     raise ImportError(f"{unverified_message('fedfusion', installed_flower_version())} ({_missing})") from _missing
 
@@ -88,8 +92,61 @@ except ImportError as _missing:  # pragma: no cover - only on an unverified Flow
 ClientAppCallable = Callable[[Message, Context], Message]
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
+#: The three ids Flower's runtime gives the task process (``flwr.supercore.task_identity.TaskIdentity``).
+_IDENTITY_ATTRS = ("_task_id", "_run_id", "_node_id")
+
+
+class MessageIdentity(AbstractContextManager["MessageIdentity"]):
+    """The task identity :func:`message_identity` set, and the one it replaced (put back on exit)."""
+
+    def __init__(self, task_id: int, run_id: int, node_id: int) -> None:
+        self.previous: tuple[int | None, ...] = tuple(getattr(TaskIdentity, a) for a in _IDENTITY_ATTRS)
+        for attr, value in zip(_IDENTITY_ATTRS, (task_id, run_id, node_id), strict=True):
+            setattr(TaskIdentity, attr, value)
+
+    def restore(self) -> None:
+        """Put back the identity that was there before (``None``s outside a Flower process)."""
+        for attr, value in zip(_IDENTITY_ATTRS, self.previous, strict=True):
+            setattr(TaskIdentity, attr, value)
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.restore()
+
+
+def message_identity(task_id: int = 1, run_id: int = 1, node_id: int = 0) -> MessageIdentity:
+    """Let ``Message(...)`` be built outside Flower's runtime: set the process's task identity now.
+
+    Why: since Flower 1.41 a new Message reads its run id, source node and task id from the class-level
+    ``TaskIdentity``, which only Flower's ServerApp/ClientApp process set-up fills in; anywhere else
+    (tests, benchmarks, in-process runs) ``Message(content, dst_node_id=..., message_type=...)`` raises
+    ``RuntimeError: TaskIdentity.run_id is not set``. The ids are process-global: a script may call this
+    once and keep it; ``with message_identity(): ...`` puts the previous ids back on exit. Not thread-safe
+    (nor is Flower's own set-up): set it before starting threads that build Messages.
+    """
+    return MessageIdentity(task_id, run_id, node_id)
+
+
+def serialized_size(content: RecordDict) -> int:
+    """Bytes ``content`` takes in Flower's wire format (the protobuf its gRPC messages carry).
+
+    Why: communication cost is measured as Flower sends it, not as our in-memory arrays; the wire format
+    adds per-record and per-array framing (keys, dtype, shape), which a ``nbytes`` sum misses.
+    """
+    return len(recorddict_to_proto(content).SerializeToString())
+
+
+def roundtrip(content: RecordDict) -> RecordDict:
+    """``content`` as the receiver gets it after Flower serialises and parses it (to proto and back).
+
+    Why: in-process test beds hand Python objects across; this exposes what does not survive the wire
+    (types Flower converts, shared references, object ids) without a SuperLink.
+    """
+    return recorddict_from_proto(recorddict_to_proto(content))
+
 __all__ = [
-    "ALLOW_UNVERIFIED_ENV", "ClientAppCallable", "ErrorCode", "InconsistentMessageReplies", "KEY_CLIPPING_NORM", "Mod",
-    "UnverifiedFlowerError", "VERIFIED_FLOWER", "check_flower_version", "flower_log", "installed_flower_version",
-    "is_verified", "unverified_message",
+    "ALLOW_UNVERIFIED_ENV", "ClientAppCallable", "ErrorCode", "InconsistentMessageReplies", "KEY_CLIPPING_NORM",
+    "MessageIdentity", "Mod", "UnverifiedFlowerError", "VERIFIED_FLOWER", "check_flower_version", "flower_log",
+    "installed_flower_version", "is_verified", "message_identity", "roundtrip", "serialized_size",
+    "unverified_message",
 ]

@@ -3,6 +3,7 @@ manifest folder with PNG images, so tests need no network and no shipped data se
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,14 @@ def site(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def flower_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need a run identity, which Flower's runtime sets in a real ServerApp/ClientApp process.
-    Modules that build Messages outside one opt in with ``pytest.mark.usefixtures("flower_task_identity")``."""
-    from flwr.supercore.task_identity import TaskIdentity
+def flower_task_identity() -> Iterator[None]:
+    """Messages need a run identity, which Flower's runtime sets in a real ServerApp/ClientApp process
+    (task 1, run 1, node 0 here; the previous ids are put back after the test). Modules that build Messages
+    outside one opt in with ``pytestmark = pytest.mark.usefixtures("flower_task_identity")``."""
+    from fedfusion.common.flower_adapter import message_identity
 
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+    with message_identity(task_id=1, run_id=1, node_id=0):
+        yield
 
 
 @pytest.fixture

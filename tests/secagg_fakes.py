@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation
 from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.flower_adapter import roundtrip  # what arrives after Flower serialises a RecordDict
 from fedfusion.common.packing import LAYOUT_KEY, PackLayout, is_packed, sent_layout
 from fedfusion.common.records import (
     ARRAYS_KEY,
@@ -158,11 +158,6 @@ def broadcast_record(config: SecAggConfig, keys: Mapping[int, AdvertisedKeys]) -
                          "mask-keys": [keys[n].mask_key for n in nodes],
                          "site-ids": [keys[n].site_id for n in nodes],
                          "signatures": [keys[n].signature for n in nodes]})
-
-
-def roundtrip(records: RecordDict) -> RecordDict:
-    """What arrives after Flower serialises a RecordDict."""
-    return recorddict_from_proto(recorddict_to_proto(records))
 
 
 @dataclass

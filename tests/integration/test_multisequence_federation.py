@@ -30,12 +30,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], Pa
     return manifests, schema.save(root / "schema.json")
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
 
 
 def _federate(study: tuple[dict[str, Path], Path], run_dir: Path, **extra: Any) -> FederationResult:

@@ -130,16 +130,55 @@ def test_inconsistent_replies_exception_ends_the_app_with_its_reason() -> None:
     assert _params(InconsistentMessageReplies) == ["reason"]
 
 
-# --- private methods replaced by our own code: still Flower's result, bit for bit ----------------------------
-
-
-@pytest.fixture()
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need a run identity, which Flower's runtime sets in a real ServerApp process."""
+def test_message_identity_is_what_flowers_messages_read_and_is_put_back() -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+    attrs = ("_task_id", "_run_id", "_node_id")
+    assert all(hasattr(TaskIdentity, a) for a in attrs)  # the class attributes Flower's runtime fills in
+    before = tuple(getattr(TaskIdentity, a) for a in attrs)
+    with flower_adapter.message_identity(task_id=4, run_id=7, node_id=3):
+        with flower_adapter.message_identity(run_id=9):
+            assert Message(RecordDict(), dst_node_id=2, message_type="train").metadata.run_id == 9
+        msg = Message(RecordDict(), dst_node_id=2, message_type="train")
+        assert (msg.metadata.run_id, msg.metadata.src_node_id, msg.metadata.dst_node_id) == (7, 3, 2)
+        assert msg.metadata.src_task_id == 4  # the task id travels too
+    assert tuple(getattr(TaskIdentity, a) for a in attrs) == before
+    kept = flower_adapter.message_identity(run_id=5)  # a script may set it once, without ``with``
+    try:
+        assert Message(RecordDict(), dst_node_id=2, message_type="train").metadata.run_id == 5
+    finally:
+        kept.restore()
+    assert tuple(getattr(TaskIdentity, a) for a in attrs) == before
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_the_conftest_fixture_sets_flowers_default_test_identity() -> None:
+    msg = Message(RecordDict(), dst_node_id=2, message_type="train")
+    assert (msg.metadata.run_id, msg.metadata.src_node_id) == (1, 0)
+
+
+def test_serialized_size_and_roundtrip_use_flowers_wire_format() -> None:
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    assert _params(recorddict_to_proto) == ["recorddict"]
+    assert _params(recorddict_from_proto) == ["recorddict_proto"]
+
+    def content(n: int) -> RecordDict:
+        return RecordDict({"arrays": ArrayRecord({"w": Array(np.arange(n, dtype=np.float32))}),
+                           "metrics": MetricRecord({"num-examples": 3}),
+                           "config": ConfigRecord({"site-id": "A", "sig": b"\x00\x01"})})
+
+    small, large = content(10), content(10_010)
+    assert flower_adapter.serialized_size(small) == len(recorddict_to_proto(small).SerializeToString())
+    # 10,000 more float32 values: 40,000 more payload bytes plus a few for longer length prefixes.
+    assert 40_000 <= flower_adapter.serialized_size(large) - flower_adapter.serialized_size(small) <= 40_010
+    again = flower_adapter.roundtrip(large)
+    assert again is not large and again.object_id == large.object_id
+    assert again["arrays"]["w"].numpy().tobytes() == large["arrays"]["w"].numpy().tobytes()
+    assert again["config"]["sig"] == b"\x00\x01" and again["metrics"]["num-examples"] == 3
+
+
+# --- private methods replaced by our own code: still Flower's result, bit for bit ----------------------------
 
 
 def _reply(content: RecordDict, node: int, error: str | None = None) -> Message:
@@ -154,38 +193,61 @@ def _content(value: float, keys: tuple[str, ...] = ("w",), metrics: dict | None 
                        "metrics": MetricRecord(metrics if metrics is not None else {"num-examples": 4})})
 
 
-@pytest.mark.usefixtures("_task_identity")
-def test_reply_checks_match_fedavgs_private_check_and_log_replies() -> None:
+@pytest.mark.usefixtures("flower_task_identity")
+def test_reply_checks_match_fedavgs_private_check_and_log_replies(caplog: pytest.LogCaptureFixture) -> None:
     from flwr.serverapp.exception import InconsistentMessageReplies
     from flwr.serverapp.strategy import FedAvg
 
     from fedfusion.server.strategy import check_and_log_replies
 
     good = [_reply(_content(1.0), 1), _reply(_content(2.0), 2), _reply(RecordDict(), 3, error="boom")]
+    renamed = RecordDict({"other": ArrayRecord({"w": Array(np.ones(3, np.float32))}),
+                          "metrics": MetricRecord({"num-examples": 4})})
     cases = {
         "good": good,
         "keys": [_reply(_content(1.0), 1), _reply(_content(2.0, keys=("v",)), 2)],
+        "record name": [_reply(_content(1.0), 1), _reply(renamed, 2)],
         "two arrays": [_reply(RecordDict({**_content(1.0), "b": ArrayRecord({"w": Array(np.zeros(1))})}), 1)],
+        "no arrays": [_reply(RecordDict({"metrics": MetricRecord({"num-examples": 4})}), 1)],
+        "two metrics": [_reply(RecordDict({**_content(1.0), "m2": MetricRecord({"num-examples": 1})}), 1)],
         "no weight": [_reply(_content(1.0, metrics={"loss": 1.0}), 1)],
         "metric keys": [_reply(_content(1.0), 1), _reply(_content(1.0, metrics={"num-examples": 1, "x": 1}), 2)],
         "list weight": [_reply(_content(1.0, metrics={"num-examples": [1, 2]}), 1)],
         "empty": [],
     }
     flower = FedAvg()
+    reasons: set[str] = set()
+    compared: list[tuple[int, str]] = []
+
+    def logged() -> list[tuple[int, str]]:
+        records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "flwr"]
+        caplog.clear()
+        compared.extend(records)
+        return records
+
     for name, replies in cases.items():
         for is_train, validate in ((True, True), (False, True), (False, False)):
+            caplog.clear()
             try:
                 theirs = flower._check_and_log_replies(replies, is_train=is_train, validate=validate)
             except InconsistentMessageReplies as err:
+                their_log = logged()
                 with pytest.raises(InconsistentMessageReplies) as ours:
                     check_and_log_replies(replies, is_train=is_train, weighted_by_key="num-examples",
                                           validate=validate)
                 assert str(ours.value) == str(err), name
+                assert logged() == their_log, name
+                reasons.add(str(err))
                 continue
+            their_log = logged()
             mine = check_and_log_replies(replies, is_train=is_train, weighted_by_key="num-examples",
                                          validate=validate)
             assert [list(map(id, group)) for group in mine] == [list(map(id, group)) for group in theirs], name
+            assert logged() == their_log, name
     assert len(check_and_log_replies(good, is_train=True, weighted_by_key="num-examples")[1]) == 1
+    assert len(reasons) == 6  # every one of Flower's reasons was compared, not only the first it meets
+    assert (20, "aggregate_train: Received 2 results and 1 failures") in compared
+    assert (20, "\t> Received error in reply from node 3: boom") in compared
 
 
 def test_central_dp_noise_matches_flowers_private_noise() -> None:
@@ -347,11 +409,9 @@ ADAPTERS = {"common/flower_adapter.py", "client/flower_runtime.py"}
 SCANNED = ("common", "client", "server", "simulations", "fedfusion", "benchmarks")
 #: Explicitly allowed outside the adapters, with why. The benchmark compares our secure aggregation with
 #: Flower's own SecAgg+, which exists only in the legacy public API (flwr.client.mod, flwr.server.*);
-#: it is a measurement script, never run by a site or coordinator, and also builds Flower's wire format
-#: (serde) and a task identity to count bytes as Flower sends them.
+#: it is a measurement script, never run by a site or coordinator.
 ALLOWED = {"benchmarks/secagg_vs_flower.py": {"flwr.client.mod", "flwr.server.compat", "flwr.server.workflow",
-                                              "flwr.server.strategy", "flwr.common.serde",
-                                              "flwr.supercore.task_identity"}}
+                                              "flwr.server.strategy"}}
 
 
 def _flower_private_names() -> set[str]:

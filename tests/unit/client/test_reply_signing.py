@@ -13,14 +13,7 @@ from fedfusion.client.reply_signing import SIGNING_KEY_NODE_KEY, reply_signing_m
 from fedfusion.common.reply_signature import PURPOSE, SIGNATURE_RECORD, signed_statement, unsigned_reply_sha256
 from fedfusion.common.roster import Roster
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need the ids Flower's runtime sets in a task process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 11), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
 
 
 def _answer(msg: Message, context: Context) -> Message:

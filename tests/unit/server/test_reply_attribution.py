@@ -18,6 +18,8 @@ from fedfusion.server.reply_attribution import attribute_reply
 from tests.dashboard_runs import InProcessGrid, run_in_process, toy_schema
 from tests.sitegen import make_site
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
+
 
 def _keypair(folder: Path, name: str) -> tuple[Path, str, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
@@ -57,15 +59,6 @@ def test_a_site_claiming_another_sites_id_is_refused(tmp_path: Path) -> None:
     open_config.pop("roster")
     unchecked = run_in_process(InProcessGrid(make_client_app(open_config), node_configs), open_config)
     assert [m["site"] for m in unchecked.site_metrics if m["phase"] == "train"] == ["A", "A"]
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need the ids Flower's runtime sets in a task process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 11), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 def _reply(site_named: str) -> Message:

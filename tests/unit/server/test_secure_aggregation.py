@@ -40,13 +40,7 @@ RUN = {"secure-aggregation": True, "secagg-weight-bound": 1000.0, "secagg-timeou
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need a run identity, which Flower's runtime sets in a real process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
 
 
 def _setup(sites: list[FakeSite], nodes: list[int] = NODES, policy: dict | None = None,

@@ -11,14 +11,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from fedfusion.common.records import ARRAYS_KEY, METRICS_KEY, SITE_KEY, arrays_to_numpy, numpy_to_arrays
 from fedfusion.server.strategy import build_strategy, check_update, modality_weighted_average
 
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need a run identity, which Flower's runtime sets in a real ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
 
 
 GROUPS = {"encoders.omics.w": "omics", "encoders.image.w": "image", "fusion.w": "fusion"}
