@@ -29,7 +29,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -77,9 +77,11 @@ def modality_weighted_average(
             out[key] = np.array(updates[int(np.argmax(weights))][key], copy=True)  # e.g. integer counters
             continue
         acc = np.zeros(reference.shape, dtype=np.float64)
+        scratch = np.empty(reference.shape, dtype=np.float64)  # one buffer per key, not two temporaries per site
         for update, weight in zip(updates, weights, strict=True):
             if weight > 0:
-                acc += update[key].astype(np.float64) * (weight / total)
+                np.multiply(update[key], weight / total, out=scratch, dtype=np.float64)
+                acc += scratch
         out[key] = acc.astype(reference.dtype)
     return out
 
@@ -101,6 +103,25 @@ def check_update(update: Mapping[str, np.ndarray], current: Mapping[str, np.ndar
     return None
 
 
+def _one_record_with_same_keys(contents: list[Any], kind: str, records: Callable[[Any], Mapping[str, Any]],
+                               count_end: str) -> tuple[str, set[str]]:
+    """The name and keys of the one ``kind`` record every reply must carry, or Flower's reason why not.
+
+    Flower runs this check once for ArrayRecords and once for MetricRecords with the same wording except
+    the end of its count message (``count_end``: ``"."`` or ``", but found more."``); the record name
+    and keys are those of the first reply, as in Flower.
+    """
+    if any(len(records(c)) != 1 for c in contents):
+        raise InconsistentMessageReplies(reason=f"Expected exactly one {kind} in replies{count_end} "
+                                         "Skipping aggregation.")
+    record_key = next(iter(records(contents[0]).keys()))
+    all_keys = set(contents[0][record_key].keys())
+    if any(set(c.get(record_key, {}).keys()) != all_keys for c in contents[1:]):
+        raise InconsistentMessageReplies(reason=f"All {kind}s must have the same keys for aggregation. "
+                                         "This condition wasn't met. Skipping aggregation.")
+    return record_key, all_keys
+
+
 def check_reply_consistency(contents: list[Any], weighted_by_key: str, check_arrayrecord: bool) -> None:
     """Raise Flower's ``InconsistentMessageReplies`` unless the replies can be aggregated together.
 
@@ -109,22 +130,9 @@ def check_reply_consistency(contents: list[Any], weighted_by_key: str, check_arr
     ``weighted_by_key``. Raising (not dropping) keeps Flower's behaviour: the ServerApp ends with its reason.
     """
     if check_arrayrecord:
-        if any(len(c.array_records) != 1 for c in contents):
-            raise InconsistentMessageReplies(reason="Expected exactly one ArrayRecord in replies. "
-                                             "Skipping aggregation.")
-        record_key = next(iter(contents[0].array_records.keys()))
-        all_keys = set(contents[0][record_key].keys())
-        if any(set(c.get(record_key, {}).keys()) != all_keys for c in contents[1:]):
-            raise InconsistentMessageReplies(reason="All ArrayRecords must have the same keys for aggregation. "
-                                             "This condition wasn't met. Skipping aggregation.")
-    if any(len(c.metric_records) != 1 for c in contents):
-        raise InconsistentMessageReplies(reason="Expected exactly one MetricRecord in replies, but found more. "
-                                         "Skipping aggregation.")
-    record_key = next(iter(contents[0].metric_records.keys()))
-    all_keys = set(contents[0][record_key].keys())
-    if any(set(c.get(record_key, {}).keys()) != all_keys for c in contents[1:]):
-        raise InconsistentMessageReplies(reason="All MetricRecords must have the same keys for aggregation. "
-                                         "This condition wasn't met. Skipping aggregation.")
+        _one_record_with_same_keys(contents, "ArrayRecord", lambda c: c.array_records, ".")
+    record_key, all_keys = _one_record_with_same_keys(contents, "MetricRecord", lambda c: c.metric_records,
+                                                      ", but found more.")
     if weighted_by_key not in all_keys:
         raise InconsistentMessageReplies(reason=f"Missing required key `{weighted_by_key}` in the MetricRecord of "
                                          "reply messages. Cannot average ArrayRecords and MetricRecords. "
@@ -178,19 +186,35 @@ class ModalityAwareFedAvg(FedAvg):
         self.uniform_weights = False
         self.private_keys: frozenset[str] = frozenset()  # kept at the sites, never averaged (build_strategy)
         self._global: dict[str, np.ndarray] | None = None
+        # The ArrayRecord aggregate_train last returned and the arrays it was made from: the round loop hands
+        # that very record back to configure_train/evaluate, which then skip decoding it tensor by tensor.
+        self._produced: tuple[ArrayRecord, dict[str, np.ndarray]] | None = None
         self.site_metrics: list[dict[str, Any]] = []
         self.rejected: list[dict[str, Any]] = []
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._global = arrays_to_numpy(arrays)
+        self._global = self._as_numpy(arrays)
         packed, config = self._packed(self._global, config)
         return super().configure_train(server_round, packed, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        packed, config = self._packed(arrays_to_numpy(arrays), config)
+        packed, config = self._packed(self._as_numpy(arrays), config)
         return super().configure_evaluate(server_round, packed, config, grid)
+
+    def _as_numpy(self, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+        """``arrays`` as named numpy arrays; the ones :meth:`_produce` kept when it is that same record
+        (identity, not equality: any other record, e.g. noised by client-level DP, is decoded)."""
+        if self._produced is not None and arrays is self._produced[0]:
+            return self._produced[1]
+        return arrays_to_numpy(arrays)
+
+    def _produce(self, new: dict[str, np.ndarray]) -> ArrayRecord:
+        """The new global model as the ArrayRecord Flower's API returns, remembered with its arrays."""
+        record = numpy_to_arrays(new)
+        self._produced = (record, new)
+        return record
 
     def _packed(self, arrays: Mapping[str, np.ndarray], config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
         """The global model in the packed wire format (common/packing.py) and the config naming its layout."""
@@ -245,7 +269,7 @@ class ModalityAwareFedAvg(FedAvg):
         # private keys keep the global (initial) values, in the global model's key order
         averaged = {k: averaged[k] if k in averaged else np.array(v, copy=True) for k, v in self._global.items()}
         metrics = self.train_metrics_aggr_fn([m.content for m in accepted], self.weighted_by_key)
-        return numpy_to_arrays(averaged), metrics
+        return self._produce(averaged), metrics
 
     def _uniform_counts(self) -> dict[str, float]:
         """Weight 1 for every group, the fixed modalities and this model's own (e.g. ``image:t1``)."""
@@ -312,12 +336,12 @@ class ModalityAwareFedAdam(FedAdam, ModalityAwareFedAvg):
         arrays, metrics = ModalityAwareFedAvg.aggregate_train(self, server_round, replies)
         if arrays is None or self._global is None:
             return arrays, metrics
-        stepped = adam_step(self._global, {k: a.numpy() for k, a in arrays.items()}, self.moments, server_round,
+        stepped = adam_step(self._global, self._as_numpy(arrays), self.moments, server_round,
                             eta=self.eta, beta_1=self.beta_1, beta_2=self.beta_2, tau=self.tau)
         new, self.moments = stepped
         reference = {k: np.asarray(v).dtype for k, v in self._global.items()}
-        return ArrayRecord({k: Array(np.asarray(v).astype(reference.get(k, np.asarray(v).dtype), copy=False))
-                            for k, v in new.items()}), metrics
+        return self._produce({k: np.asarray(v).astype(reference.get(k, np.asarray(v).dtype), copy=False)
+                              for k, v in new.items()}), metrics
 
     def state(self) -> dict[str, Any]:
         state = super().state()
