@@ -14,8 +14,9 @@ serialises every message, reply and site state through Flower's protobuf serde:
   ``SecAggPlusWorkflow``; sites are a NumPyClient behind ``secaggplus_mod``. Round time is from the
   strategy's ``configure_fit`` to the end of its ``aggregate_fit``.
 
-Bytes: serialised size (``recorddict_to_proto``) of everything one site sends in our secure round
-(keys, share bundles, masked vector, unmask shares) / the raw float32 update (4 N bytes).
+Bytes: serialised size (``serialized_size``: Flower's protobuf) of everything one site sends in a secure round (ours:
+keys, share bundles, masked vector, consistency signature, unmask shares; Flower's SecAgg+: its stage
+replies) / the raw float32 update (4 N bytes), and ours / Flower's.
 
     python benchmarks/secagg_vs_flower.py                          # 3 and 10 sites, 1M and 10M
     python benchmarks/secagg_vs_flower.py --sites 3 10 50 --params 1e6 --repeat 2
@@ -25,10 +26,8 @@ Bytes: serialised size (``recorddict_to_proto``) of everything one site sends in
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,11 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.serde import recorddict_to_proto  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from provenance import provenance, write_json  # noqa: E402
 
 from fedfusion.client.secure_aggregation import refuse_unmasked_update, register_secure_aggregation  # noqa: E402
 from fedfusion.common.federation_config import FederationConfig  # noqa: E402
+from fedfusion.common.flower_adapter import message_identity, serialized_size  # noqa: E402
 from fedfusion.common.packing import LAYOUT_KEY, PackLayout, sent_layout  # noqa: E402
 from fedfusion.common.records import (  # noqa: E402
     ARRAYS_KEY,
@@ -96,8 +95,20 @@ class Grid(LoopbackGrid):
 
     run = _Run()
 
+    sizing = False
+    """Record each reply's serialised size as it is pulled (Flower's legacy server empties a reply's
+    ArrayRecord while converting it, so sizes are taken before that); off in timed rounds."""
+
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
         return self.pull_messages(self.push_messages(list(messages)))
+
+    def pull_messages(self, message_ids: Any) -> list[Message]:
+        found = super().pull_messages(message_ids)
+        if self.sizing:
+            self.sizes = getattr(self, "sizes", []) + [
+                (int(m.metadata.src_node_id), serialized_size(m.content))
+                for m in found if m.has_content()]
+        return found
 
 
 # ----------------------------------------------------------------------------------------------- ours
@@ -132,7 +143,8 @@ def our_app(node_ids: list[int], run_config: dict[str, Any], reference: dict[str
     return app
 
 
-def ours(params: int, sites: int, secure: bool, tensors: int = 5, packed: bool = True) -> tuple[float, float]:
+def ours(params: int, sites: int, secure: bool, tensors: int = 5, packed: bool = True,
+         sizing: bool = False) -> tuple[float, float]:
     """(round seconds, bytes one site sent / float32 update bytes); ``packed=False``: the per-tensor wire
     format the plain round used before common/packing.py (one Array per tensor both ways)."""
     nodes = list(range(1, sites + 1))
@@ -141,6 +153,7 @@ def ours(params: int, sites: int, secure: bool, tensors: int = 5, packed: bool =
     # every site has its roster entry and signing key (secure aggregation refuses to run without them)
     grid = Grid(our_app(nodes, run_config, weights), nodes,
                 node_configs={n: identity_config(TESTBED_SITES[n - 1]) for n in nodes})
+    grid.sizing = sizing
     strategy = build_strategy("fedavg", GROUPS, min_sites=1, fraction_evaluate=0.0)
     if not packed:
         strategy._packed = lambda values, config: (numpy_to_arrays(values), config)  # type: ignore[method-assign]
@@ -156,13 +169,19 @@ def ours(params: int, sites: int, secure: bool, tensors: int = 5, packed: bool =
         new, _ = strategy.aggregate_train(1, replies)
         assert new is not None
     seconds = time.perf_counter() - began
-    sent = sum(len(recorddict_to_proto(m.content).SerializeToString())
-               for m in grid.received if int(m.metadata.src_node_id) == nodes[0])
-    return seconds, sent / (4 * params)
+    return seconds, sent_bytes(grid, nodes[0]) / (4 * params)
+
+
+def sent_bytes(grid: Grid, node: int) -> float:
+    """Serialised bytes of every reply ``node`` sent in the round (NaN unless the grid was sizing)."""
+    if not grid.sizing:
+        return math.nan
+    return float(sum(size for src, size in getattr(grid, "sizes", []) if src == node))
 
 
 # ----------------------------------------------------------------------------------------- Flower's
-def flower(params: int, sites: int, secure: bool, tensors: int = 5) -> float:
+def flower(params: int, sites: int, secure: bool, tensors: int = 5, sizing: bool = False) -> tuple[float, float]:
+    """(round seconds, bytes one site sent / float32 update bytes) of Flower's legacy round."""
     from flwr.client import NumPyClient
     from flwr.client.mod import secaggplus_mod
     from flwr.common import ndarrays_to_parameters
@@ -194,6 +213,7 @@ def flower(params: int, sites: int, secure: bool, tensors: int = 5) -> float:
 
     nodes = list(range(1, sites + 1))
     grid = Grid(app, nodes)
+    grid.sizing = sizing
     strategy = Timed(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=sites, min_available_clients=sites,
                      initial_parameters=ndarrays_to_parameters(list(model(params, tensors).values())))
     context = LegacyContext(Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -205,7 +225,16 @@ def flower(params: int, sites: int, secure: bool, tensors: int = 5) -> float:
         workflow = DefaultWorkflow()
     workflow(grid, context)
     assert "end" in times, "Flower's fit round did not aggregate"
-    return times["end"] - times["start"]
+    return times["end"] - times["start"], sent_bytes(grid, nodes[0]) / (4 * params)
+
+
+def run_column(column: str, params: int, sites: int, tensors: int, sizing: bool = False) -> tuple[float, float]:
+    """One round of one table column: (seconds, bytes one site sent / 4 N; NaN unless ``sizing``, whose
+    serialising of every reply makes that round's time not comparable)."""
+    if column == "per_tensor":
+        return ours(params, sites, False, tensors, packed=False, sizing=sizing)
+    secure = column.endswith("secure")
+    return (flower if column.startswith("flower") else ours)(params, sites, secure, tensors, sizing=sizing)
 
 
 def main() -> None:
@@ -218,47 +247,48 @@ def main() -> None:
     parser.add_argument("--no-flower", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    started = provenance()
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):  # set by Flower's runtime in a process
-        setattr(TaskIdentity, attr, value)
+    message_identity()  # what Flower's runtime sets in a process: lets this script build Messages
     header = (f"{'sites':>5} {'params':>7} {'tensors':>7} {'per-tensor s':>12} {'our plain s':>11} "
               f"{'our secure s':>12} {'ours sec/pl':>11} {'Fl plain s':>10} {'Fl SecAgg+ s':>12} {'Fl sec/pl':>9} "
-              f"{'ours/Fl pl':>10} {'ours/Fl sec':>11} {'bytes/fp32':>10}")
+              f"{'ours/Fl pl':>10} {'ours/Fl sec':>11} {'bytes/fp32':>10} {'B ours/Fl pl':>12} {'B ours/Fl sec':>13}")
     rows, results = [], []
     for secure in (False, True):  # warm-up: imports, the test bed's keys, first-call caches
         ours(10_000, 3, secure, args.tensors)
         if not args.no_flower:
             flower(10_000, 3, secure, args.tensors)
+    columns = ("per_tensor", "plain", "secure", "flower_plain", "flower_secure")
     for params in (int(p) for p in args.params):
         for sites in args.sites:
-            times: dict[str, list[float]] = {k: [] for k in ("per_tensor", "plain", "secure", "flower_plain",
-                                                            "flower_secure")}
-            ratio_bytes = math.nan
+            times: dict[str, list[float]] = {k: [] for k in columns}
+            sent: dict[str, float] = dict.fromkeys(columns, math.nan)  # bytes one site sent / 4 N (same every repeat)
             for _ in range(args.repeat):  # interleaved, so a load spike hits every column alike
-                times["per_tensor"].append(ours(params, sites, False, args.tensors, packed=False)[0])
-                times["plain"].append(ours(params, sites, False, args.tensors)[0])
-                if not args.no_flower:
-                    times["flower_plain"].append(flower(params, sites, False, args.tensors))
-                seconds, ratio_bytes = ours(params, sites, True, args.tensors)
-                times["secure"].append(seconds)
-                if not args.no_flower:
-                    times["flower_secure"].append(flower(params, sites, True, args.tensors))
+                for column in columns:
+                    if args.no_flower and column.startswith("flower"):
+                        continue
+                    times[column].append(run_column(column, params, sites, args.tensors)[0])
+            for column in columns:  # bytes: one untimed round per column
+                if not (args.no_flower and column.startswith("flower")):
+                    sent[column] = run_column(column, params, sites, args.tensors, sizing=True)[1]
             best = {k: min(v) if v else math.nan for k, v in times.items()}
-            pt, plain, secure, fp, fs = (best[k] for k in ("per_tensor", "plain", "secure", "flower_plain",
-                                                           "flower_secure"))
+            pt, plain, secure, fp, fs = (best[k] for k in columns)
             row = (f"{sites:>5} {params:>7.0e} {args.tensors:>7} {pt:>12.2f} {plain:>11.2f} {secure:>12.2f} "
                    f"{secure / plain:>11.2f} {fp:>10.2f} {fs:>12.2f} {fs / fp:>9.2f} {plain / fp:>10.2f} "
-                   f"{secure / fs:>11.2f} {ratio_bytes:>10.3f}")
+                   f"{secure / fs:>11.2f} {sent['secure']:>10.3f} {sent['plain'] / sent['flower_plain']:>12.3f} "
+                   f"{sent['secure'] / sent['flower_secure']:>13.3f}")
             rows.append(row)
             results.append({"sites": sites, "params": params, "tensors": args.tensors, "repeat": args.repeat,
-                            "seconds": times, "fastest": best, "bytes_per_fp32": ratio_bytes})
+                            "seconds": times, "fastest": best, "bytes_per_fp32": sent,
+                            "ratios": {"plain_vs_flower_plain": plain / fp, "secure_vs_flower_secagg": secure / fs,
+                                       "bytes_plain_vs_flower": sent["plain"] / sent["flower_plain"],
+                                       "bytes_secure_vs_flower": sent["secure"] / sent["flower_secure"]}})
             print(row, flush=True)
     print(f"\nseconds per round (fastest of {args.repeat}), in process over a serialising loopback Grid, no Ray")
     print(header)
     print("\n".join(rows))
     if args.json:
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "load_average": os.getloadavg(),
-                                         "results": results}, indent=1) + "\n")
+        write_json(args.json, {"results": results}, started)
 
 
 if __name__ == "__main__":
