@@ -47,9 +47,11 @@ from typing import Any
 import numpy as np
 
 from fedfusion.common.config import ConfigError, read_site_toml
+from fedfusion.common.reply_digest import HashState, finish_sha256
 from fedfusion.common.reply_digest import canonical as _canonical
 from fedfusion.common.reply_digest import jsonable as _jsonable
-from fedfusion.common.reply_digest import payload_sha256
+from fedfusion.common.reply_digest import payload_sha256 as payload_sha256  # re-exported: the log's hash
+from fedfusion.common.reply_digest import tensors_sha256 as _tensors_sha256
 from fedfusion.common.results import append_line
 
 FORMAT_VERSION = 1
@@ -127,13 +129,17 @@ class AuditLog:
         site_id: str | None = None,
         epsilon: float | None = None,
         node_id: int | None = None,
+        tensors_sha256: HashState | None = None,
     ) -> dict[str, Any]:
         """Append one line describing a reply; return the record written.
 
         ``tensors`` maps array names to numpy arrays exactly as sent (masked integers when secure
         aggregation is on); ``metrics`` is what the reply's MetricRecord/ConfigRecord carry; ``epsilon``
         is the ε spent so far, as the reply reports it (default: the ``epsilon`` metric, if the reply
-        carries one; None when DP is off); ``node_id`` the site's Flower node id (written when given).
+        carries one; None when DP is off); ``node_id`` the site's Flower node id (written when given);
+        ``tensors_sha256`` the :func:`~fedfusion.common.reply_digest.tensors_sha256` state of exactly these
+        tensors when the caller already has it (the audit mod: the signing mod hashed them), so megabytes
+        of tensors are not hashed a second time; the metrics are always hashed here, as logged.
         """
         site = site_id if site_id is not None else self.site_id
         if not site:
@@ -155,7 +161,8 @@ class AuditLog:
             "payload_bytes": sum(t["nbytes"] for t in described) + len(_canonical(clean_metrics)),
             "metrics": clean_metrics,
             "epsilon": None if epsilon is None else _jsonable(float(epsilon)),
-            "sha256": payload_sha256(arrays, metrics),
+            "sha256": finish_sha256(tensors_sha256 if tensors_sha256 is not None else _tensors_sha256(arrays),
+                                    metrics),
         }
         if node_id is not None:
             record["node_id"] = int(node_id)

@@ -10,7 +10,10 @@ Which log: the node config's ``audit-log`` (``fedfusion site start`` sets it fro
 Without it (simulation, development) the mod passes replies through untouched.
 
 The payload hash is :func:`fedfusion.common.reply_digest.reply_sha256`'s, the function the coordinator
-applies to every reply it receives, so the two records of one reply can be matched.
+applies to every reply it receives, so the two records of one reply can be matched. The tensors' part
+of it was usually computed already, by the signing mod inside this one (over the same tensors, without
+the signature record): :func:`~fedfusion.common.reply_digest.reply_tensors_sha256` reuses it, and the
+metrics, signature included, are hashed here.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from flwr.app import Context, Message
 
 from fedfusion.client.audit import AuditLog
 from fedfusion.common.flower_adapter import ClientAppCallable
-from fedfusion.common.reply_digest import message_round, reply_payload
+from fedfusion.common.reply_digest import message_round, reply_payload, reply_tensors_sha256
 
 AUDIT_LOG_NODE_CONFIG_KEY = "audit-log"
 
@@ -37,5 +40,6 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
                     and isinstance(v, int | float)), None)
     AuditLog(str(path), site_id).record_reply(tensors, metrics, run_id=context.run_id, server_round=server_round,
                                               message_type=msg.metadata.message_type, epsilon=epsilon,
-                                              node_id=int(context.node_id))
+                                              node_id=int(context.node_id),
+                                              tensors_sha256=reply_tensors_sha256(reply, tensors))
     return reply

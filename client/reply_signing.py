@@ -8,6 +8,9 @@ coordinator that holds a roster then refuses them, so a deployment with a roster
 
 It runs inside the audit mod: the audit log records the reply as it leaves, signature included, which
 is also what the coordinator's ``replies.jsonl`` hashes. Error replies carry no content to sign.
+Hashing the reply here keeps its tensors' hash with the reply object
+(:func:`fedfusion.common.reply_digest.reply_tensors_sha256`); the audit mod reuses it and hashes only
+the metrics again, signature record included.
 """
 
 from __future__ import annotations

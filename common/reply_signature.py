@@ -18,17 +18,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedfusion.common.reply_digest import canonical, payload_sha256, reply_payload
+from fedfusion.common.reply_digest import canonical, reply_sha256
 
 SIGNATURE_RECORD = "site-signature"
 PURPOSE = "reply/v1"
 
 
 def unsigned_reply_sha256(reply: Any) -> str:
-    """:func:`payload_sha256` of a reply's content minus its ``site-signature`` record."""
-    tensors, metrics = reply_payload(reply)
-    prefix = f"{SIGNATURE_RECORD}/"
-    return payload_sha256(tensors, {k: v for k, v in metrics.items() if not k.startswith(prefix)})
+    """:func:`~fedfusion.common.reply_digest.payload_sha256` of a reply's content minus its ``site-signature``
+    record.
+
+    The tensors are hashed once per reply object and shared with :func:`reply_sha256` (the audit line,
+    ``replies.jsonl``), so signing and recording one reply walk its megabytes once, not twice.
+    """
+    return reply_sha256(reply, without_prefix=f"{SIGNATURE_RECORD}/")
 
 
 def signed_statement(run_id: int, reply_to: str, site_id: str, digest: str) -> bytes:

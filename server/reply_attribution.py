@@ -9,6 +9,10 @@ averaged, it shows in the run's rejected replies (train) and is logged; ``replie
 what arrived (the wrapped :class:`~fedfusion.server.messaging.RecordingGrid` sits below this one).
 
 Without a roster (simulation, development) nothing changes: replies are attributed as they claim.
+
+The signed digest is recomputed here from the reply itself; its tensors' part was already hashed for
+``replies.jsonl`` and is reused (:func:`fedfusion.common.reply_digest.reply_tensors_sha256`), so each
+reply's tensors are hashed once on the coordinator.
 """
 
 from __future__ import annotations
