@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedfusion.common.packing import LAYOUT_KEY, LayoutMismatch, PackLayout, received_state
 from fedfusion.common.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SITE_KEY, arrays_to_numpy, numpy_to_arrays
@@ -176,3 +176,38 @@ def test_real_client_app_answers_packed_with_one_array_per_group(tmp_path: Path)
     config = {LAYOUT_KEY: "0" * 64}
     with pytest.raises(LayoutMismatch, match="different model versions"):
         received_state(PackLayout.of(current, groups).pack(current), config, model)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "uint8", "float16"])
+def test_vectors_encode_to_numpys_own_bytes_and_decode_without_a_copy(dtype: str) -> None:
+    """encode_vector writes exactly the bytes Flower's Array(ndarray) writes (np.save's format), so any
+    Flower peer reads them; decode_vector returns the same values as Array.numpy(), as a read-only view."""
+    from flwr.app import Array
+
+    from fedfusion.common.packing import decode_vector, encode_vector
+
+    vector = (np.random.default_rng(3).normal(size=1001) * 100).astype(dtype)
+    encoded = encode_vector(vector)
+    assert encoded.data == Array(vector).data and encoded.dtype == Array(vector).dtype
+    decoded = decode_vector(roundtrip(RecordDict({ARRAYS_KEY: ArrayRecord({"v": encoded})}))[ARRAYS_KEY]["v"])
+    np.testing.assert_array_equal(decoded, Array(vector).numpy())
+    assert decoded.dtype == vector.dtype and not decoded.flags.writeable
+
+
+def test_decode_refuses_pickles_truncated_bytes_and_other_stypes() -> None:
+    from flwr.app import Array
+
+    from fedfusion.common.packing import decode_vector, encode_vector
+
+    good = encode_vector(np.arange(10, dtype=np.float32))
+    truncated = Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=good.data[:-4])
+    with pytest.raises(LayoutMismatch, match="do not match its header"):
+        decode_vector(truncated)
+    header = good.data[:good.data.index(b"}") + 1].replace(b"'<f4'", b"'|O' ")
+    pickled = Array(dtype="object", shape=(10,), stype="numpy.ndarray", data=header + good.data[len(header):])
+    with pytest.raises(LayoutMismatch, match="plain C-ordered"):
+        decode_vector(pickled)
+    with pytest.raises(LayoutMismatch, match="stype"):
+        decode_vector(Array(dtype=good.dtype, shape=good.shape, stype="torch.raw", data=good.data))
+    with pytest.raises(LayoutMismatch, match="not in numpy's format"):
+        decode_vector(Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=b"not numpy" * 10))
