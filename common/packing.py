@@ -191,10 +191,12 @@ class PackLayout:
 def encode_vector(vector: np.ndarray) -> Array:
     """``Array(vector)`` with the same bytes (``np.save``'s format) in one copy: Flower's constructor writes
     the array through a growing BytesIO in chunks, about twice the time for a model-sized vector."""
-    vector = np.ascontiguousarray(vector)
+    vector = np.require(vector, requirements="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
+    if vector.dtype.hasobject:
+        raise ValueError("object arrays cannot be sent (they would need pickle)")
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(vector))
-    data = b"".join([header.getvalue(), memoryview(vector).cast("B")])
+    data = b"".join([header.getvalue(), memoryview(vector.reshape(-1).view(np.uint8))])
     return Array(dtype=str(vector.dtype), shape=tuple(vector.shape), stype="numpy.ndarray", data=data)
 
 

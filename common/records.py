@@ -87,9 +87,10 @@ def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def numpy_to_arrays(values: Mapping[str, np.ndarray]) -> ArrayRecord:
-    from flwr.app import Array
+    """One Array per tensor, bytes as ``Array(ndarray)`` writes them, in one copy (common/packing.py)."""
+    from fedfusion.common.packing import encode_vector
 
-    return ArrayRecord({key: Array(np.asarray(value)) for key, value in values.items()})
+    return ArrayRecord({key: encode_vector(np.asarray(value)) for key, value in values.items()})
 
 
 def metrics_record(values: Mapping[str, float | int]) -> MetricRecord:
