@@ -6,6 +6,9 @@ lose everything. This loop calls the same strategy hooks (``configure_train``, `
 (global weights, strategy state, round, config hash) atomically. ``resume`` continues from the
 newest checkpoint; node sampling is seeded by (seed, round) and sites seed their training by
 (seed, round, site), so a resumed run ends with the same weights as an uninterrupted one.
+Each step of a round (train phase plain or secure, refusals, the row, evaluation, checkpoint, the
+delivered model) is one named step of :class:`~fedfusion.server.round_workflow.RoundWorkflow`;
+this module is the set-up, the loop itself and the run's result.
 
 Round 0 evaluates the initial model at every site, so reports show what federation added.
 
@@ -18,9 +21,7 @@ With ``dp-mode = "client"`` the strategy is wrapped in Flower's client-side fixe
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -28,38 +29,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fedfusion.common.config import ConfigError, load_schema
+from fedfusion.common.config import ConfigError, Schema, load_schema
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.models import create_model
 from fedfusion.common.personalization import private_keys
-from fedfusion.common.records import (
-    EPSILON_KEY,
-    NUM_EXAMPLES,
-    VAL_COUNT_KEY,
-    VAL_PREFIX,
-    arrays_to_numpy,
-    model_to_arrays,
-    numpy_to_arrays,
-)
+from fedfusion.common.records import EPSILON_KEY, NUM_EXAMPLES, VAL_COUNT_KEY, VAL_PREFIX, model_to_arrays
 from fedfusion.common.training import primary_metric, seed_everything
-from fedfusion.server.messaging import REPLIES_FILENAME, RecordingGrid, ReplyLog, send_and_collect
-from fedfusion.server.model_selection import BestRound, SelectionRule, choose_round
-from fedfusion.server.privacy import ClientLevelDP, split_refusals
+from fedfusion.server.messaging import REPLIES_FILENAME, RecordingGrid, ReplyLog
+from fedfusion.server.model_selection import BestRound
+from fedfusion.server.privacy import ClientLevelDP
 from fedfusion.server.reply_attribution import attributing
-from fedfusion.server.run_folders import load_checkpoint_file
+from fedfusion.server.round_workflow import (
+    CHECKPOINT_DIR,
+    RoundFailed,
+    RoundWorkflow,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fedfusion.server.round_workflow import select_round as _select_round
 from fedfusion.server.run_lock import hold_run_folder
-from fedfusion.server.secure_aggregation import check_secure_compatible, run_secure_round
+from fedfusion.server.secure_aggregation import check_secure_compatible
 from fedfusion.server.strategy import ModalityAwareFedAvg, build_strategy
 from fedfusion.server.tracking import RunTracking
 
 log = logging.getLogger("fedfusion.server")
 
-CHECKPOINT_DIR = "checkpoints"
+#: Re-exported: callers and tests import the checkpoint helpers and RoundFailed from here.
+__all__ = ["CHECKPOINT_DIR", "COUNT_KEYS", "MAX_KEYS", "FederationResult", "RoundFailed", "RunIncomplete",
+           "_select_round", "checkpoint_path", "is_count", "latest_checkpoint", "load_checkpoint", "run_federation",
+           "save_checkpoint", "weighted_metric_mean"]
 
 
 @dataclass
@@ -75,10 +78,6 @@ class FederationResult:
     """The round whose global model ``arrays`` and ``model.pt`` hold (``model-selection``)."""
     selection: str = "last"
     """How it was chosen: the ``model-selection`` rule (``best-val-loss``, ``best-val``) or ``last``."""
-
-
-class RoundFailed(RuntimeError):
-    """A round in which no site returned a usable update; the run stops before checkpointing it."""
 
 
 class RunIncomplete(RuntimeError):
@@ -119,40 +118,10 @@ def weighted_metric_mean(records: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-
 def _metric_aggregator(records: list, weight_key: str) -> MetricRecord:
     """Flower-signature wrapper of :func:`weighted_metric_mean` for evaluate replies."""
     flat = [dict(next(iter(r.metric_records.values()))) for r in records]
     return MetricRecord(weighted_metric_mean(flat))
-
-
-def checkpoint_path(run_dir: Path, server_round: int) -> Path:
-    return run_dir / CHECKPOINT_DIR / f"round-{server_round:04d}.pt"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / CHECKPOINT_DIR).glob("round-*.pt"))
-    return found[-1] if found else None
-
-
-def save_checkpoint(run_dir: Path, server_round: int, arrays: ArrayRecord, strategy: ModalityAwareFedAvg,
-                    rounds: list[dict[str, Any]], cfg: FederationConfig,
-                    refusals: list[dict[str, Any]] | None = None, best: BestRound | None = None) -> Path:
-    """Write atomically (temp file + rename) so a crash mid-write never leaves a torn checkpoint."""
-    path = checkpoint_path(run_dir, server_round)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"round": server_round, "arrays": arrays_to_numpy(arrays), "strategy": strategy.state(),
-               "rounds": rounds, "config_hash": cfg.config_hash(), "run_config": dict(cfg.raw),
-               "refusals": list(refusals or []), "best": best.state() if best is not None else None}
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint for resume: loaded with ``weights_only=True`` (see :func:`load_checkpoint_file`)."""
-    return load_checkpoint_file(path)
 
 
 def run_federation(grid: Grid, cfg: FederationConfig,
@@ -169,8 +138,9 @@ def run_federation(grid: Grid, cfg: FederationConfig,
         return _run_rounds(grid, cfg, on_round, tracking)
 
 
-def _run_rounds(grid: Grid, cfg: FederationConfig,
-                on_round: Callable[[dict[str, Any]], None] | None, tracking: RunTracking) -> FederationResult:
+def _set_up(grid: Grid, cfg: FederationConfig) -> tuple[Schema, Grid, ModalityAwareFedAvg, ArrayRecord]:
+    """The schema, the wrapped grid, the strategy (client-level DP wrapped around it with ``dp-mode =
+    "client"``) and the initial global model; refuses settings that cannot run before anything is sent."""
     schema = load_schema(cfg.schema)
     run_dir = Path(cfg.run_dir)
     grid = RecordingGrid(grid, ReplyLog(run_dir / REPLIES_FILENAME))  # every reply received: replies.jsonl
@@ -190,137 +160,35 @@ def _run_rounds(grid: Grid, cfg: FederationConfig,
                               "optimizer would act on the update before the noise is added)")
         strategy = ClientLevelDP(strategy, cfg.privacy.client_noise_multiplier, cfg.privacy.client_clipping_norm,
                                  delta=cfg.privacy.target_delta or 1e-5)
-    arrays = model_to_arrays(model)
-    refusals: list[dict[str, Any]] = []
-    ended_early = ""
-    rounds: list[dict[str, Any]] = []
-    # Filled only from a checkpoint written before choose_round (its best round's weights), and passed on
-    # in later checkpoints: the fallback when that round's own checkpoint file is gone (_select_round).
-    best = BestRound(primary_metric(schema))
-    start = 1
-    found = latest_checkpoint(run_dir) if cfg.resume else None
-    if found is not None:
-        state = load_checkpoint(found)
-        if state["config_hash"] != cfg.config_hash():
-            raise ConfigError(f"{found}: this checkpoint was written with another run config "
-                              f"(hash {state['config_hash']} vs {cfg.config_hash()}); resume with the same settings")
-        arrays = numpy_to_arrays(state["arrays"])
-        strategy.load_state(state["strategy"])
-        rounds = list(state["rounds"])
-        refusals = list(state.get("refusals", []))
-        best = BestRound.from_state(state.get("best"), best.metric)
-        start = int(state["round"]) + 1
-        log.info("resuming %s from round %d", run_dir, start)
-    elif cfg.resume:
-        log.info("no checkpoint in %s: starting from round 1", run_dir)
-    (run_dir / "run_config.json").write_text(json.dumps(dict(cfg.raw), indent=2, default=str) + "\n")
-    tracking.start(first_round=0 if start == 1 else start)  # a resume logs only the rounds it runs
+    return schema, grid, strategy, model_to_arrays(model)
 
-    if start == 1:
-        row = {"round": 0, **_evaluate(grid, strategy, 0, arrays, cfg)}
-        rounds.append(row)
-        tracking.log_round(row, strategy.site_metrics)
-        if on_round:
-            on_round(row)
-    for server_round in range(start, cfg.num_rounds + 1):
+
+def _run_rounds(grid: Grid, cfg: FederationConfig,
+                on_round: Callable[[dict[str, Any]], None] | None, tracking: RunTracking) -> FederationResult:
+    """The loop: each round trains (a plain or secure train phase), records its sites' refusals, takes the
+    new global model (or stops with :class:`RoundFailed` before its checkpoint, so ``--resume`` retries
+    it), evaluates and checkpoints; a round in which every site refused ends the run cleanly."""
+    schema, grid, strategy, arrays = _set_up(grid, cfg)
+    flow = RoundWorkflow(grid, strategy, cfg, tracking, on_round)
+    run = flow.start_or_resume(arrays, BestRound(primary_metric(schema)))
+    if run.start == 1:
+        flow.close_round(run, {"round": 0, **flow.evaluate(0, run.arrays)})
+    for server_round in range(run.start, cfg.num_rounds + 1):
         began = time.monotonic()
         random.seed(cfg.seed * 7_919 + server_round)  # Flower samples nodes with `random`
-        secure = None
-        if cfg.secure.enabled:  # four message exchanges; the server only ever holds sums (secure_aggregation.py)
-            secure = run_secure_round(grid, strategy, server_round, arrays, cfg)
-            replies, refused, train_phase = secure.participants, secure.refusals, time.monotonic() - began
+        phase = flow.train_phase(server_round, run.arrays)
+        run.refusals += phase.refused
+        run.arrays = flow.next_global_model(server_round, phase, run.arrays)
+        row = flow.round_row(server_round, phase)
+        if phase.every_site_refused:  # no later round could train: end here, with checkpoint and report
+            run.ended_early = flow.end_early(server_round)
         else:
-            replies = send_and_collect(grid,
-                strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
-            train_phase = time.monotonic() - began
-            refused, replies = split_refusals(server_round, replies)
-        for refusal in refused:
-            log.warning("round %d: site %s refused to train: %s", server_round, refusal["site"], refusal["reason"])
-        refusals += refused
-        new_arrays, train_metrics = ((secure.arrays, secure.metrics or None) if secure is not None
-                                     else strategy.aggregate_train(server_round, replies))
-        if new_arrays is not None:
-            arrays = new_arrays
-        elif secure is None and not refused:
-            # Every site failed (crashed, refused the app bundle, sent an unusable update): recording this
-            # round as done would lose it silently. Stop before its checkpoint, so --resume retries it.
-            raise RoundFailed(
-                f"round {server_round}: no site returned a usable update ({len(replies)} replies, "
-                f"{sum(1 for r in strategy.rejected if r.get('round') == server_round)} rejected); the global "
-                f"model is unchanged and the last checkpoint is round {server_round - 1}. Check the sites' logs "
-                "(e.g. an app bundle they have not approved), then `fedfusion run ... --resume`")
-        else:
-            log.warning("round %d: no usable update; the global model is unchanged", server_round)
-        trained = [m for m in strategy.site_metrics if m["round"] == server_round and m["phase"] == "train"]
-        slowest = max((float(m.get("train-seconds", 0.0)) for m in trained), default=0.0)
-        # What federation costs on top of local work: the train phase's wall time minus the slowest site.
-        row = {"round": server_round, "sites_trained": len(trained), "train_phase_seconds": train_phase,
-               "slowest_site_train_seconds": slowest, "round_overhead_seconds": train_phase - slowest}
-        if train_metrics is not None:
-            row.update({f"train_{k}": float(v) for k, v in train_metrics.items()})
-        row["sites_refused"] = len(refused)
-        if secure is not None:
-            row.update(secure.row)
-        if isinstance(strategy, ClientLevelDP):
-            row["client_dp_epsilon"] = strategy.epsilon()
-        if refused and not replies:
-            ended_early = (f"round {server_round}: every site that answered refused to train (privacy policy or "
-                           "budget); no later round could train, so the run ends here")
-            log.warning(ended_early)
-            row["seconds"] = time.monotonic() - began
-            rounds.append(row)
-            save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals, best)
-            tracking.log_round(row, strategy.site_metrics)
-            if on_round:
-                on_round(row)
-            break
-        row.update(_evaluate(grid, strategy, server_round, arrays, cfg))
+            row.update(flow.evaluate(server_round, run.arrays))
         row["seconds"] = time.monotonic() - began
-        rounds.append(row)
-        save_checkpoint(run_dir, server_round, arrays, strategy, rounds, cfg, refusals, best)
-        tracking.log_round(row, strategy.site_metrics)  # after the checkpoint: a resume never logs it twice
-        if on_round:
-            on_round(row)
-    arrays, selected_round, selection = _select_round(run_dir, cfg, rounds, arrays, best)
-    log.info("delivering the global model of round %d (%s)", selected_round, selection)
-    final = run_dir / "model.pt"
-    torch.save({"state_dict": {k: torch.from_numpy(np.array(v)) for k, v in arrays_to_numpy(arrays).items()},
-                "schema": schema.to_dict(), "run_config": dict(cfg.raw), "selected_round": selected_round,
-                "selection": selection}, final)
-    return FederationResult(arrays=arrays, rounds=rounds, site_metrics=strategy.site_metrics,
-                            rejected=strategy.rejected, run_dir=run_dir, refusals=refusals, ended_early=ended_early,
-                            selected_round=selected_round, selection=selection)
-
-
-def _select_round(run_dir: Path, cfg: FederationConfig, rounds: list[dict[str, Any]], arrays: ArrayRecord,
-                  legacy: BestRound) -> tuple[ArrayRecord, int, str]:
-    """The delivered model, its round and rule (server/model_selection.py), chosen from the round rows alone
-    (so a resume chooses as an uninterrupted run). An earlier round's weights come from its checkpoint, or
-    from ``legacy`` (a checkpoint written before choose_round carried the best round's weights)."""
-    last = int(rounds[-1]["round"])
-    rule = SelectionRule(cfg.model_selection, legacy.metric, cfg.model_selection_min_round,
-                         cfg.model_selection_window)
-    chosen = choose_round(rounds, rule, cfg.num_rounds)
-    if chosen is None:
-        if rule.kind != "last":
-            log.warning("no site reported a validation %s/loss (no 'val' rows?): delivering the last round's model",
-                        legacy.metric)
-        return arrays, last, "last"
-    if chosen == last:
-        return arrays, last, rule.kind
-    path = checkpoint_path(run_dir, chosen)
-    saved = load_checkpoint(path) if path.is_file() else None
-    if saved is not None and saved["round"] == chosen and saved["config_hash"] == cfg.config_hash():
-        return numpy_to_arrays(saved["arrays"]), chosen, rule.kind
-    if legacy.round == chosen and legacy.arrays is not None:
-        return numpy_to_arrays(legacy.arrays), chosen, rule.kind
-    log.warning("%s chose round %d but %s is gone: delivering the last round's model", rule.label, chosen, path)
-    return arrays, last, "last"
-
-
-def _evaluate(grid: Grid, strategy: ModalityAwareFedAvg, server_round: int, arrays: ArrayRecord,
-              cfg: FederationConfig) -> dict[str, float]:
-    replies = send_and_collect(grid,
-        strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=cfg.round_timeout)
-    metrics = strategy.aggregate_evaluate(server_round, replies)
-    return {} if metrics is None else {f"eval_{k}": float(v) for k, v in metrics.items()}
+        flow.close_round(run, row)
+        if run.ended_early:
+            break
+    arrays, selected_round, selection = flow.deliver(schema, run)
+    return FederationResult(arrays=arrays, rounds=run.rounds, site_metrics=strategy.site_metrics,
+                            rejected=strategy.rejected, run_dir=Path(cfg.run_dir), refusals=run.refusals,
+                            ended_early=run.ended_early, selected_round=selected_round, selection=selection)
