@@ -258,7 +258,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     from fedfusion.common.progress import ProgressDisplay
     from fedfusion.simulations.datasets import DatasetError
-    from fedfusion.simulations.experiment import StudyError, load_study, run_study, study_step
+    from fedfusion.simulations.experiment import StudyError, ended_early_lines, load_study, run_study, study_step
 
     if missing := _missing_simulation_extra():
         print(f"error: {missing}", file=sys.stderr)
@@ -281,7 +281,9 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     print((out / "report.md").read_text())
     for failure in record.failures:
         console.print(f"[red]failed[/]: seed {failure['seed']}, {failure['step']}: {failure['error']}")
-    return 1 if record.failures else 0
+    for line in ended_early_lines(record):  # a model of fewer rounds than the study asked for, as in simulate
+        print(f"error: {line}", file=sys.stderr)
+    return 1 if record.failures or record.ended_early else 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:

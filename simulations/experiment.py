@@ -462,6 +462,9 @@ class StudyRecord:
     predictions: dict[str, list[tuple[int, str, Predictions]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
+    #: Federations that stopped before their last round ({"seed", "method", "why"}): their rows are a
+    #: model of fewer rounds than the study asked for, so ``fedfusion experiment`` exits 1 (like ``simulate``).
+    ended_early: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -482,6 +485,19 @@ def run_study(study: Study, out_dir: str | Path,
     record.seconds = time.monotonic() - began
     write_study_outputs(record)
     return record
+
+
+def ended_early_lines(record: StudyRecord) -> list[str]:
+    """One line per method whose federation ended early in some seed: the method, the seeds, the reason
+    (the first seed's; every site refusing a round is usually the same reason in every seed)."""
+    by_method: dict[str, list[dict[str, str]]] = {}
+    for entry in record.ended_early:
+        by_method.setdefault(entry["method"], []).append(entry)
+    lines = []
+    for method, entries in by_method.items():
+        seeds = ", ".join(e["seed"] for e in entries)
+        lines.append(f"{method} ended early (seed{'s' if len(entries) > 1 else ''} {seeds}): {entries[0]['why']}")
+    return lines
 
 
 def study_step(event: StudyProgress) -> Step:

@@ -245,7 +245,7 @@ def write_study_outputs(record: StudyRecord) -> Path:
                     for s in summary},
         "by_site": by_site, "fusion_vs_unimodal": fusion, "statistics": statistics["json"], "notes": record.notes,
         "failures": [{k: v for k, v in f.items() if k != "traceback"} for f in record.failures],
-        "seconds": record.seconds})
+        "ended_early": record.ended_early, "seconds": record.seconds})
     main = [s["method"] for s in summary if s["family"] in MAIN_FAMILIES]
     curves = [m for m in main if m in record.predictions]
     plots = out / _PLOTS

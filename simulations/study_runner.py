@@ -229,6 +229,7 @@ class SeedRun:
             self.record.notes.append(f"{where}: {len(result.refusals)} site rounds refused (privacy policy or budget)")
         if result.ended_early:
             self.record.notes.append(f"{where}: {result.ended_early}")
+            self.record.ended_early.append({"seed": str(self.seed), "method": label, "why": str(result.ended_early)})
 
     def run_federated(self, method: Method) -> None:
         extra: dict[str, Any] = {}

@@ -88,3 +88,46 @@ def test_a_tiny_study_writes_consistent_results_and_reports(tmp_path: Path) -> N
                         if r["method"] == "fedavg" and r["seed"] == "1" and r["site"] == site)
         rescored = score(loaded.model, tensors, loaded.schema)["c_index"]
         assert math.isclose(rescored, reported, abs_tol=1e-6), site
+
+
+REFUSED_STUDY = """
+name = "lung-refused"
+dataset = "lung"
+seeds = [0]
+rounds = 2
+local-epochs = 1
+methods = ["fedavg-dp"]
+tabular = false
+ablation = false
+unimodal = false
+
+[partition]
+how = "iid"
+num-sites = 3
+
+[run-config]
+sim-privacy-policy = "{policy}"
+"""
+
+
+def test_a_study_whose_every_site_refuses_writes_its_report_then_exits_1_naming_the_method(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """fedavg-dp asks for ε = 8; every simulated site allows 0.01, so all refuse round 1 and the federation
+    ends early: the report is still written, and the command exits 1 like ``simulate`` does."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[privacy]\nmax-epsilon = 0.01\n")
+    study = tmp_path / "study.toml"
+    study.write_text(REFUSED_STUDY.format(policy=policy))
+    out = tmp_path / "out"
+
+    assert main(["experiment", str(study), "--out", str(out)]) == 1
+
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: fedavg-dp ended early (seed 0): round 1: every site that answered refused")
+    ended = json.loads((out / "summary.json").read_text())["ended_early"]
+    assert [(e["seed"], e["method"]) for e in ended] == [("0", "fedavg-dp")]
+    report = (out / "report.md").read_text()
+    assert "seed 0, fedavg-dp: round 1: every site that answered refused" in report
+    assert "| fedavg-dp |" in report  # scored: the initial global model, the only one there is
+    assert sorted({int(r["round"]) for r in _read(out / "rounds.csv")}) == [0, 1]

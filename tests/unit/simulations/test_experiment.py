@@ -19,7 +19,14 @@ from fedfusion.common.federation_config import DEFAULTS
 from fedfusion.common.manifest import load_manifest
 from fedfusion.common.models import create_model
 from fedfusion.common.training import metrics_from
-from fedfusion.simulations.experiment import BUILTIN_METHODS, StudyError, load_study, parse_study
+from fedfusion.simulations.experiment import (
+    BUILTIN_METHODS,
+    StudyError,
+    StudyRecord,
+    ended_early_lines,
+    load_study,
+    parse_study,
+)
 from fedfusion.simulations.study_report import add_best_local, fusion_table, per_seed_means, summarise
 from fedfusion.simulations.study_runner import predict_without, write_modality_subset
 from tests.sitegen import OMICS, make_site
@@ -126,6 +133,18 @@ def _rows() -> list[dict]:
     family = {"fedavg": "federated", "pooled": "baseline"}
     return [{"seed": s, "method": m, "family": family[m], "site": site, "modalities": "image+clinical", "auc": v}
             for (m, s, site), v in values.items()]
+
+
+def test_ended_early_lines_give_one_line_per_method_with_its_seeds_and_reason(tmp_path: Path) -> None:
+    record = StudyRecord(study=parse_study({"dataset": "lung"}), out_dir=tmp_path)
+    assert ended_early_lines(record) == []
+    why = "round 1: every site that answered refused to train (privacy policy or budget)"
+    record.ended_early = [{"seed": "0", "method": "fedavg-dp", "why": why},
+                          {"seed": "1", "method": "fedavg-dp", "why": why},
+                          {"seed": "1", "method": "fedprox-tuned mu-0.01", "why": "round 3: budget"}]
+
+    assert ended_early_lines(record) == [f"fedavg-dp ended early (seeds 0, 1): {why}",
+                                         "fedprox-tuned mu-0.01 ended early (seed 1): round 3: budget"]
 
 
 def test_summary_is_the_mean_and_sd_over_seeds_of_the_mean_over_sites() -> None:
