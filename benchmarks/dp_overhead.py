@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import platform
 import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -44,6 +44,9 @@ from fedfusion.common.config import ClinicalColumn, ImageSpec, ModelConfig, Sche
 from fedfusion.common.models import create_model
 from fedfusion.common.privacy import make_private
 from fedfusion.common.training import pick_device
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 MODELS = ("default", "cnn_small", "convnext_atto", "vit_tiny_patch16_224")
 Batch = dict[str, torch.Tensor]
@@ -241,8 +244,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
-    parser.add_argument("--out", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--json", "--out", dest="out", metavar="PATH", default=None,
+                        help="also write the rows and their provenance here")
     args = parser.parse_args()
+    started = provenance()
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,20 +260,9 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m]
     rows = run(device, [m for m in args.models.split(",") if m], modes, args.batch_size, args.steps, args.warmup)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps(
-                {
-                    "device": str(device),
-                    "where": where,
-                    "threads": torch.get_num_threads(),
-                    "batch_size": args.batch_size,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        payload = {"device": str(device), "where": where, "threads": torch.get_num_threads(),
+                   "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rows": rows}
+        print(f"wrote {write_json(args.out, payload, started)}")
 
 
 if __name__ == "__main__":

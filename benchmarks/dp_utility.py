@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ from typing import Any
 from fedfusion.common.config import load_schema
 from fedfusion.common.training import primary_metric
 from fedfusion.simulations.simulate import SimulationSpec, prepare_sites, run_config_for, run_simulated_federation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 CASES = (("ovarian", "natural", 4), ("wdbc-multimodal", "iid", 3))
 EPSILONS = (1.0, 3.0, 8.0, math.inf)
@@ -123,8 +127,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--datasets", default=",".join(c[0] for c in CASES))
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", "--out", dest="out", metavar="PATH", default=None,
+                        help="also write the rows and their provenance here")
     args = parser.parse_args()
+    started = provenance()
     cases = tuple(c for c in CASES if c[0] in args.datasets.split(","))
     rows = run(args.seeds, args.rounds, args.local_epochs, args.batch_size, args.lr, cases)
     table = summarise(rows)
@@ -134,10 +140,7 @@ def main() -> None:
         spent = "-" if t["max_site_epsilon"] is None else f"{t['max_site_epsilon']:.2f}"
         print(f"| {t['dataset']} | {t['metric']} | {t['epsilon']:g} | {t['mean']:.3f} ± {t['sd']:.3f} | {spent} |")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(
-            json.dumps({"settings": vars(args), "rows": rows, "table": table}, indent=2, default=str) + "\n"
-        )
+        print(f"wrote {write_json(args.out, {'settings': vars(args), 'rows': rows, 'table': table}, started)}")
 
 
 if __name__ == "__main__":

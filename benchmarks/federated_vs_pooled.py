@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from fedfusion.simulations.simulate import SimulationSpec, simulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 
 def main() -> None:
@@ -30,8 +34,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--strategy", default="fedavg")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", "--out", dest="out", metavar="PATH", default=None,
+                        help="also write the results and their provenance here")
     args = parser.parse_args()
+    started = provenance()
     logging.basicConfig(level=logging.WARNING)
     per_seed: list[dict[str, float]] = []
     per_site: list[dict[str, object]] = []
@@ -66,8 +72,7 @@ def main() -> None:
     result["per_seed"] = per_site
     print(f"  {federated} − pooled: {gaps.mean():+.3f} ± {gaps.std(ddof=1):.3f} (goal ≥ −0.03)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {write_json(args.out, result, started)}")
 
 
 if __name__ == "__main__":

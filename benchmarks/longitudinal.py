@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +38,9 @@ import numpy as np
 from fedfusion.common.config import ModelConfig, TrainConfig, load_schema
 from fedfusion.simulations.datasets import build_dataset
 from fedfusion.simulations.local_training import load_for_training, run_local_training
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 ARMS = ("temporal-gru", "temporal-transformer", "last-visit", "clinical-only")
 
@@ -121,18 +124,18 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--federate", action="store_true", help="also run the simulated federation (first data set)")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", "--out", dest="out", metavar="PATH", default=None,
+                        help="also write the results and their provenance here")
     args = parser.parse_args()
+    started = provenance()
     began = time.perf_counter()
     rows = run(args.datasets.split(","), args.seeds, args.epochs, args.batch_size, tuple(args.arms.split(",")))
-    record: dict[str, Any] = {"benchmark": "longitudinal", "results": rows,
-                              "load_average": os.getloadavg(), "cpu_count": os.cpu_count()}
+    record: dict[str, Any] = {"benchmark": "longitudinal", "results": rows}  # load and cores: in "provenance"
     if args.federate:
         record["federated"] = [federate(d, args.rounds, 3, 1.0, 0) for d in args.datasets.split(",")]
     record["seconds"] = time.perf_counter() - began
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {write_json(args.out, record, started)}")
 
 
 if __name__ == "__main__":

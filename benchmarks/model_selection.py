@@ -26,11 +26,15 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from fedfusion.server.model_selection import SelectionRule, choose_round
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 #: (name, kind, min_round, window); min_round 0 = auto (max(2, N // 3)).
 RULES: tuple[tuple[str, str, int, int], ...] = (
@@ -129,13 +133,14 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="fedfusion simulate --out folders or run folders")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--json", "--out", dest="out", metavar="PATH", type=Path, default=None,
+                        help="write the results and their provenance as JSON here")
     args = parser.parse_args(argv)
+    started = provenance()
     results = replay([load_run(p) for p in args.runs])
     print(table(results))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, {"runs": [str(p) for p in args.runs], "results": results}, started)
         print(f"wrote {args.out}")
     return 0
 

@@ -9,7 +9,7 @@ Foundation issue asks about: fusion / best single modality on wdbc-multimodal.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +19,9 @@ import numpy as np
 from fedfusion.common.config import ModelConfig, TrainConfig, load_schema
 from fedfusion.simulations.datasets import build_dataset
 from fedfusion.simulations.local_training import load_for_training, run_local_training
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 CASES = [
     ("wdbc-multimodal", None, "attention"),
@@ -61,8 +64,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64, help="Cox needs events in each batch: not too small")
     parser.add_argument("--only", default=None, help="run only cases of this data set")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--json", "--out", dest="out", metavar="PATH", default=None,
+                        help="also write the rows and their provenance here")
     args = parser.parse_args()
+    started = provenance()
     cases = [c for c in CASES if args.only is None or c[0] == args.only]
     rows = run(args.seeds, args.epochs, args.batch_size, cases)
     by_key = {(r["dataset"], r["modalities"], r["fusion"]): r["mean"] for r in rows}
@@ -71,8 +76,8 @@ def main() -> None:
     if fusion is not None and all(s is not None for s in single):
         print(f"wdbc fusion AUC / best single-modality AUC = {fusion / max(single):.4f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        settings = {"seeds": args.seeds, "epochs": args.epochs, "batch_size": args.batch_size, "only": args.only}
+        print(f"wrote {write_json(args.out, {'settings': settings, 'rows': rows}, started)}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 #: Distributions whose versions change benchmark numbers.
 VERSIONED = ("flwr", "torch", "opacus", "timm", "numpy", "cryptography", "grpcio")
+#: Changed files listed by name in ``uncommitted_files`` at most (the rest are counted).
+MAX_LISTED = 50
 
 
 def _git(*args: str) -> str:
@@ -78,12 +80,22 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def _changed_files() -> list[str]:
+    """Tracked files that differ from ``commit``: with them the commit alone does not say what ran
+    (``uncommitted_changes`` says whether; this says which, e.g. only docs or the measured code)."""
+    lines = _git("diff", "--name-only", "HEAD").splitlines()
+    more = [f"... {len(lines) - MAX_LISTED} more"] if len(lines) > MAX_LISTED else []
+    return lines[:MAX_LISTED] + more
+
+
 def provenance() -> dict[str, Any]:
     """Command, commit (and whether the tree had uncommitted changes), machine and load at the start."""
+    changed = _changed_files()
     return {
         "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "commit": _git("rev-parse", "HEAD"),
-        "uncommitted_changes": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "uncommitted_changes": bool(changed),
+        "uncommitted_files": changed,
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "cpu": _cpu_model(),
@@ -99,7 +111,14 @@ def provenance() -> dict[str, Any]:
 
 
 def write_json(path: str | Path, payload: dict[str, Any], started: dict[str, Any]) -> Path:
-    """``payload`` plus ``"provenance"`` (``started`` with the load average and time at the end)."""
+    """``payload`` plus ``"provenance"`` (``started`` with the load average and time at the end).
+
+    ``payload`` is a dict (a list of rows goes under a key such as ``"rows"``), so the provenance has a
+    place beside the numbers; a payload with its own ``"provenance"`` key is refused rather than
+    silently overwritten."""
+    if not isinstance(payload, dict) or "provenance" in payload:
+        raise ValueError(f"write_json needs a dict payload without a 'provenance' key, got {type(payload).__name__}"
+                         + (" with 'provenance'" if isinstance(payload, dict) else ""))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**payload, "provenance": {**started, "gpus_end": _gpus() or started["machine"]["gpus"],

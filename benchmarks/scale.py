@@ -30,15 +30,18 @@ Usage: ``python benchmarks/scale.py`` (defaults: 10,000 sites, 1 %, 3 rounds, 2 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 GOAL_NON_TRAINING_SHARE = 0.20
 GOAL_PEAK_GB = 8.0
@@ -153,8 +156,9 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2, help="CPU cores Ray may use (one site per core)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-scale"))
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers and their provenance here")
     args = parser.parse_args()
+    begun = provenance()
 
     os.environ.pop("RAY_ADDRESS", None)  # a private local Ray with exactly --cpus cores
     started = time.monotonic()
@@ -191,11 +195,8 @@ def main() -> None:
     hwm_gb = sum(sampler.hwm_kb.values()) / 1024**2
     load = os.getloadavg()
     out = {
-        "command": f"python benchmarks/scale.py --sites {args.sites} --fraction {args.fraction} "
-                   f"--rounds {args.rounds} --dataset {args.dataset} --rows-per-site {args.rows_per_site} "
-                   f"--cpus {args.cpus}",
+        # command, commit, machine and load averages: under "provenance" (write_json)
         "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, Ray limited to {args.cpus}",
-        "load_average_at_end": [round(x, 2) for x in load],
         "sites": args.sites, "sampled_per_round": int(args.sites * args.fraction), "rounds": args.rounds,
         "dataset": args.dataset, "rows_per_site": args.rows_per_site, "local_epochs": args.local_epochs,
         "model": "create_model defaults (fusion attention, image backbone cnn_small)",
@@ -226,9 +227,7 @@ def main() -> None:
           f"high-water marks {hwm_gb:.2f} GB over {sampler.max_processes} processes at most")
     print(f"  startup to the end of round 0: {out['startup_seconds_to_round0_done']:.1f} s; total {total:.1f} s")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        print(f"wrote {write_json(args.json, out, begun)}")
 
 
 if __name__ == "__main__":

@@ -8,18 +8,24 @@ advertisement, share bundles) against the raw float32 update.
 
     python benchmarks/secagg_overhead.py                       # 1M and 10M parameters, 3 and 10 sites
     python benchmarks/secagg_overhead.py --params 1e6 --sites 3 10 50 --bits 64
+    python benchmarks/secagg_overhead.py --json docs/results/secagg_overhead.json   # + raw rows, provenance
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from fedfusion.common.secagg import SecAggClient, SecAggConfig, SecAggServer, VectorLayout
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 T = TypeVar("T")
 GROUPS = ("image", "clinical", "shared")
@@ -97,7 +103,10 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=32, help="modulus bits (32: masked vector = float32 size)")
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=3, help="rounds per setting; the fastest of each time is kept")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and their provenance here")
     args = parser.parse_args()
+    started = provenance()
+    rows: list[dict[str, Any]] = []
 
     print(
         f"modulus 2^{args.bits}, clip {args.clip}; seconds (fastest of {args.repeat} rounds), "
@@ -114,6 +123,8 @@ def main() -> None:
             r = {key: min(run[key] for run in runs) for key in runs[0]}
             r["error"] = max(run["error"] for run in runs)
             ratio_bytes = (r["vector_bytes"] + r["other_bytes"]) / r["float32_bytes"]
+            rows.append({"params": params, "sites": sites, **r, "client_x_plain": r["client"] / r["plain"],
+                         "server_x_plain": r["server"] / r["plain"], "bytes_per_float32": ratio_bytes})
             print(
                 f"{params:>8.0e} {sites:>5} {r['degree']:>3.0f} {r['plain']:>9.3f} {r['client']:>11.3f} "
                 f"{r['client'] / r['plain']:>7.2f} {r['server']:>13.3f} {r['server'] / r['plain']:>7.2f} "
@@ -125,6 +136,9 @@ def main() -> None:
         "keys+shares: stages 1-2 and the unmask replies for all sites together; "
         "bytes/fp32: (masked vector + keys + share bundles) sent by one site / float32 update bytes."
     )
+    if args.json:
+        settings = {"bits": args.bits, "clip": args.clip, "repeat": args.repeat, "times": "seconds, fastest of repeat"}
+        print(f"wrote {write_json(args.json, {'settings': settings, 'rows': rows}, started)}")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,14 @@ order of the learning rate, in plain runs alike).
 
     python benchmarks/secagg_round.py                     # wdbc-multimodal, iid, 3 and 10 sites
     python benchmarks/secagg_round.py --sites 3 10 --rounds 3 --dataset ovarian
+    python benchmarks/secagg_round.py --json docs/results/secagg_round.json   # + raw rows, provenance
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ from typing import Any
 import numpy as np
 
 from fedfusion.simulations.simulate import SimulationSpec, prepare_sites, run_config_for, run_simulated_federation
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
 
 SECURE = {"secure-aggregation": True, "secagg-clip": 1.0, "secagg-bits": 32, "secagg-weight-bound": 10_000.0}
 
@@ -63,7 +68,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=2, help="plain/secure run pairs per setting")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and their provenance here")
     args = parser.parse_args()
+    started = provenance()
     logging.getLogger("flwr").setLevel(logging.WARNING)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,6 +86,13 @@ def main() -> None:
         print(f"{sites:>5} {r['params']:>9.0f} {r['plain']:>8.2f} {r['secure']:>9.2f} {ratio:>12.2f} {fastest:>9.2f} "
               f"{r['protocol']:>12.2f} {r['diff']:>10.2e}")
     print("min ratio: fastest secure round / fastest plain round (least disturbed by other load on the machine)")
+    if args.json:
+        settings = {"dataset": args.dataset, "partition": "iid", "rounds": args.rounds,
+                    "local_epochs": args.local_epochs, "repeat": args.repeat,
+                    "times": "median train-phase seconds per round"}
+        rows = [{"sites": sites, **r, "secure_over_plain": r["secure"] / r["plain"],
+                 "min_ratio": r["secure_min"] / r["plain_min"]} for sites, r in results.items()]
+        print(f"wrote {write_json(args.json, {'settings': settings, 'rows': rows}, started)}")
 
 if __name__ == "__main__":
     main()

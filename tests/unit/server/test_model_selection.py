@@ -268,7 +268,7 @@ def test_offline_comparison_script_replays_every_rule_on_the_same_runs(tmp_path:
     _write_run(tmp_path / "s1", 1, {0: (0.5, 2.0), 1: (0.6, 1.8), 2: (0.8, 1.1), 3: (0.7, 1.0)}, test)
     out = tmp_path / "results" / "ms.json"
     assert bench.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(out)]) == 0
-    results = {r["rule"]: r for r in json.loads(out.read_text())}
+    results = {r["rule"]: r for r in json.loads(out.read_text())["results"]}
     assert results["last"]["rounds_chosen"] == [3, 3] and results["last"]["mean"] == pytest.approx(0.55)
     assert results["best-val"]["rounds_chosen"] == [1, 2]
     assert results["best-val"]["per_seed"] == pytest.approx([0.65, 0.75])
