@@ -32,19 +32,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedfusion.client.releases import ANSWERS_FILENAME, AnswerBook, answer_key
 from fedfusion.client.secagg_identity import site_identity, truthy
 from fedfusion.common.federation_config import FederationConfig
 from fedfusion.common.flower_adapter import ClientAppCallable, ErrorCode, Mod
-from fedfusion.common.packing import PackLayout, sent_layout
+from fedfusion.common.packing import PackLayout, encode_vector, sent_layout
 from fedfusion.common.personalization import shared_part
 from fedfusion.common.records import (
     ARRAYS_KEY,
@@ -113,9 +115,15 @@ TEST_DROP_AT_UNMASK_KEY = "test-secagg-drop-at-unmask"
 STATE_CLIENT = "secagg-client"
 """context.state ConfigRecord: ``SecAggClient.to_state()`` (secrets; never sent)."""
 STATE_UPDATE = "secagg-update"
-"""context.state ArrayRecord: the trained update minus the global model, clipped, weighted and quantised
-(:meth:`SecAggClient.encode`: one vector, :data:`ENCODED_ARRAY`), not yet masked, until stage 3."""
-ENCODED_ARRAY = "encoded"
+"""context.state ConfigRecord naming the file that holds the trained update minus the global model, clipped,
+weighted and quantised (:meth:`SecAggClient.encode`: one vector), not yet masked, until stage 3.
+
+Why a file at the site and not the vector itself in ``context.state``: Flower serialises the state into and
+out of the ClientApp for every message, so a model-sized vector kept there crossed the SuperNode four
+times between stage 1 and stage 3 (most of a secure round's cost at 10M parameters). The file lies in a
+private folder beside the site's audit log (:func:`pending_update_dir`), is named by run, node and the
+round's random context id, and is deleted once masked, when the round fails, or when the next round starts."""
+PENDING_DIR = "secagg-pending"
 STATE_ROUND = "secagg-round-info"
 """context.state ConfigRecord: this site's per-group weights (example counts), site id and round."""
 _STATE_KEYS = (STATE_CLIENT, STATE_UPDATE, STATE_ROUND)
@@ -172,6 +180,7 @@ def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallab
     """Stage 1: check the round against this site's roster and policy, train, keep the update here,
     answer with public keys signed by this site (bound to its site id, node id, the round and roster)."""
     clear_state(context)
+    _sweep_updates(context)  # a round that failed in a process that no longer exists may have left its file
     cfg, run_config = configs
     identity = site_identity(context.node_config, run_config)  # no roster: refuse before training
     record = msg.content[ROUND_KEY]
@@ -211,7 +220,9 @@ def handle_advertise_keys(msg: Message, context: Context, train: ClientAppCallab
                                                   identity.roster))
     server_round = int(msg.content[CONFIG_KEY].get("server-round", 0))
     site = reply.content.config_records.get(SITE_KEY)
-    context.state[STATE_UPDATE] = ArrayRecord({ENCODED_ARRAY: Array(encoded.values)})
+    context.state[STATE_UPDATE] = ConfigRecord({"file": str(_keep_update(context, config, encoded.values)),
+                                                "length": int(encoded.values.size),
+                                                "dtype": str(encoded.values.dtype)})
     context.state[STATE_ROUND] = ConfigRecord({
         "weights": json.dumps(weights, sort_keys=True),
         "clipped": encoded.clipped,
@@ -252,14 +263,14 @@ def handle_masked_input(msg: Message, context: Context) -> Message:
     if STATE_UPDATE not in context.state or STATE_ROUND not in context.state:
         raise ProtocolViolation("no trained update is kept for this round (the site restarted since stage 1)")
     info = context.state[STATE_ROUND]
-    encoded = QuantizeResult(context.state[STATE_UPDATE][ENCODED_ARRAY].numpy(), int(info.get("clipped", 0)))
+    encoded = QuantizeResult(_kept_update(context.state[STATE_UPDATE]), int(info.get("clipped", 0)))
     masked = client.masked_encoded(bundles, encoded)
-    del context.state[STATE_UPDATE]  # the update exists only masked from here on
+    _forget_update(context)  # the update exists only masked from here on
     _save(context, client)
     if masked.clipped:
         log.info("round %s: %d update entries clipped to ±%g before masking (fraction %.2e)",
                  info.get("server-round"), masked.clipped, client.config.clip, float(info.get("clipped-fraction", 0)))
-    return Message(RecordDict({MASKED_KEY: ArrayRecord({MASKED_ARRAY: Array(masked.vector)})}), reply_to=msg)
+    return Message(RecordDict({MASKED_KEY: ArrayRecord({MASKED_ARRAY: encode_vector(masked.vector)})}), reply_to=msg)
 
 
 def handle_consistency(msg: Message, context: Context, run_config: Mapping[str, Any]) -> Message:
@@ -370,8 +381,64 @@ def clipped_fraction(update: Mapping[str, np.ndarray], weights: Mapping[str, flo
     return clipped / total if total else 0.0
 
 
+def pending_update_dir(context: Context) -> Path:
+    """Where a site keeps its quantised update between stage 1 and stage 3: beside its audit log (its state
+    folder) in deployment, else a per-user temporary folder (simulation, tests). Created private (0700)."""
+    audit = context.node_config.get("audit-log")
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    base = Path(str(audit)).parent if audit else Path(tempfile.gettempdir()) / f"fedfusion-{user}"
+    folder = base / PENDING_DIR
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def _update_prefix(context: Context) -> str:
+    return f"run{context.run_id}-node{context.node_id}-"
+
+
+def _keep_update(context: Context, config: SecAggConfig, values: np.ndarray) -> Path:
+    """Write the encoded vector to a new private file (atomically) and return its path."""
+    folder = pending_update_dir(context)
+    path = folder / f"{_update_prefix(context)}{config.context.hex()[:32]}.npy"
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        np.save(handle, values, allow_pickle=False)
+    os.replace(tmp, path)
+    return path
+
+
+def _kept_update(record: Mapping[str, Any]) -> np.ndarray:
+    """The encoded vector stage 1 kept; one of the length and dtype stage 1 wrote, or a clear refusal."""
+    path = Path(str(record["file"]))
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ProtocolViolation(f"the update this site kept for this round is gone or unreadable ({path}: "
+                                f"{err})") from None
+    if values.shape != (int(record["length"]),) or str(values.dtype) != str(record["dtype"]):
+        raise ProtocolViolation(f"{path} does not hold the update this site kept ({values.dtype}{list(values.shape)})")
+    return values
+
+
+def _forget_update(context: Context) -> None:
+    """Delete the kept update's file and its state entry."""
+    record = context.state.get(STATE_UPDATE)
+    if record is not None:
+        Path(str(record.get("file", ""))).unlink(missing_ok=True)
+        del context.state[STATE_UPDATE]
+
+
+def _sweep_updates(context: Context) -> None:
+    """Delete every kept update of this run and node: a round that ended without reaching stage 3 in a process
+    that no longer exists (its state gone with it) may have left its file."""
+    for stale in pending_update_dir(context).glob(f"{_update_prefix(context)}*"):
+        stale.unlink(missing_ok=True)
+
+
 def clear_state(context: Context) -> None:
-    """Forget the round: secrets, held shares and any kept update."""
+    """Forget the round: secrets, held shares and any kept update (its file too)."""
+    _forget_update(context)
     for key in _STATE_KEYS:
         if key in context.state:
             del context.state[key]

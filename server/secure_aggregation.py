@@ -48,7 +48,7 @@ from flwr.serverapp import Grid
 
 from fedfusion.common.config import ConfigError
 from fedfusion.common.federation_config import FederationConfig
-from fedfusion.common.packing import PackLayout
+from fedfusion.common.packing import PackLayout, decode_vector
 from fedfusion.common.records import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -229,7 +229,7 @@ def run_secure_round(grid: Grid, strategy: ModalityAwareFedAvg, server_round: in
                             {n: RecordDict({BUNDLES_KEY: _context_record(config, bundles_to_dict(routed[n]))})
                              for n in routed}, timeout=settings.timeout, strategy=strategy)
         vectors = _parse(replies.values(), strategy, server_round,
-                         lambda m: m.content[MASKED_KEY][MASKED_ARRAY].numpy())
+                         lambda m: decode_vector(m.content[MASKED_KEY][MASKED_ARRAY]))
         request = server.collect_masked_inputs(vectors)
         del vectors, replies  # masked vectors are in the running sum; nothing per site is kept
         request_record = RecordDict({REQUEST_KEY: _context_record(config, request.to_dict())})

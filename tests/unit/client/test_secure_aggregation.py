@@ -5,6 +5,7 @@ needed, and messages out of order, from another round or with a foreign layout a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,6 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedfusion.client.secure_aggregation import (
-    ENCODED_ARRAY,
     STATE_CLIENT,
     STATE_ROUND,
     STATE_UPDATE,
@@ -161,12 +161,60 @@ def test_update_is_kept_after_training_and_deleted_once_masked() -> None:
     state = site.state[STATE_CLIENT]
     assert Stage(int(state["stage"])) is Stage.SHARE_KEYS and "mask-private-key" in state
     # kept as one quantised vector q(w * delta) (not masked yet): decoding it gives the site's delta back
-    kept = site.state[STATE_UPDATE][ENCODED_ARRAY].numpy()
-    assert list(site.state[STATE_UPDATE].keys()) == [ENCODED_ARRAY] and kept.dtype == np.uint32
+    kept = _kept(site)
+    assert kept.dtype == np.uint32
     sums, weights = config.encoder(SecAggClient(NODES[0], config, _layout()).layout).decode_sum(kept, 1)
     fake = site.sites[NODES[0]]
     np.testing.assert_allclose(sums["fusion.w"] / weights["shared"], fake.delta["fusion.w"], atol=1e-5)
     assert weights["shared"] == pytest.approx(fake.counts["num-examples"], abs=1e-3)
+
+
+def _kept(site: _Site) -> np.ndarray:
+    """The quantised update a site keeps between stage 1 and stage 3 (a private file the state names)."""
+    return np.load(Path(str(site.state[STATE_UPDATE]["file"])))
+
+
+def test_the_kept_update_is_a_private_file_deleted_once_masked_or_failed_and_swept_next_round(tmp_path: Path) -> None:
+    """The update does not ride in context.state (serialised at every message) but in a 0600 file in a 0700
+    folder beside the audit log; masking deletes it, a failed stage deletes it, and a file a crashed round
+    left behind is swept when the next round starts; a file that changed length is refused, not masked."""
+    config, content, server = _round_setup()
+    sites = {n: _Site(n, node_config={"audit-log": str(tmp_path / f"site{n}" / "audit.jsonl")}) for n in NODES}
+    site = sites[NODES[0]]
+    site.send(ACTION_ADVERTISE_KEYS, content)
+    path = Path(str(site.state[STATE_UPDATE]["file"]))
+    assert path.parent == tmp_path / "site7" / "secagg-pending" and path.is_file()
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    stale = path.with_name(f"run1-node{NODES[0]}-{'ab' * 16}.npy")
+    stale.write_bytes(b"left by a crashed round")
+    site.send(ACTION_ADVERTISE_KEYS, content)  # a new round at this site: the old files go
+    assert not stale.exists() and path.is_file()  # (the same round's context: the same file name, rewritten)
+    stages = _run_stages(sites, config, content, server)
+    assert stages["result"].survivors == tuple(NODES)
+    assert not list((tmp_path / "site7" / "secagg-pending").iterdir())  # masked: deleted
+    # a failed stage (a message of another round) forgets the round, file included
+    site.send(ACTION_ADVERTISE_KEYS, content)
+    kept = Path(str(site.state[STATE_UPDATE]["file"]))
+    reply = site.send(ACTION_SHARE_KEYS, RecordDict({KEYS_KEY: ConfigRecord(
+        {CONTEXT_KEY: b"another round id", "nodes": [], "encryption-keys": [], "mask-keys": []})}))
+    assert reply.has_error() and not kept.exists() and STATE_UPDATE not in site.state
+
+
+def test_a_kept_update_that_changed_on_disk_is_refused_not_masked(tmp_path: Path) -> None:
+    config, content, server = _round_setup()
+    sites = {n: _Site(n, node_config={"audit-log": str(tmp_path / f"site{n}" / "audit.jsonl")}) for n in NODES}
+    keys = {n: AdvertisedKeys.from_dict(s.send(ACTION_ADVERTISE_KEYS, content).content[KEYS_KEY])
+            for n, s in sites.items()}
+    broadcast = server.collect_keys(keys)
+    everyone = RecordDict({KEYS_KEY: broadcast_record(config, broadcast)})
+    shared = {n: bundles_from_dict(s.send(ACTION_SHARE_KEYS, everyone).content[BUNDLES_KEY])
+              for n, s in sites.items()}
+    routed = server.route_shares(shared)
+    site = sites[NODES[0]]
+    np.save(Path(str(site.state[STATE_UPDATE]["file"])), np.zeros(3, dtype=np.uint32))
+    reply = site.send(ACTION_MASKED_INPUT, RecordDict({BUNDLES_KEY: ConfigRecord(
+        {CONTEXT_KEY: config.context, **bundles_to_dict(routed[NODES[0]])})}))
+    assert reply.has_error() and "does not hold the update this site kept" in reply.error.reason
 
 
 def _packed_content(content: RecordDict, **round_values: Any) -> RecordDict:
@@ -186,8 +234,7 @@ def test_packed_stage_one_keeps_the_same_update_as_per_tensor() -> None:
     per_tensor.send(ACTION_ADVERTISE_KEYS, content)
     reply = packed.send(ACTION_ADVERTISE_KEYS, _packed_content(content))
     assert set(reply.content.keys()) == {KEYS_KEY}
-    np.testing.assert_array_equal(packed.state[STATE_UPDATE][ENCODED_ARRAY].numpy(),
-                                  per_tensor.state[STATE_UPDATE][ENCODED_ARRAY].numpy())
+    np.testing.assert_array_equal(_kept(packed), _kept(per_tensor))
 
 
 @pytest.mark.parametrize("slots", ["missing", "tampered", "garbage"])
