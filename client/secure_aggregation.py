@@ -12,10 +12,11 @@ happen before masking), keeps the update at the site and answers with public key
 refusal (privacy policy or budget) is answered as in a plain round: reason, no update.
 
 State between stages: in deployment each message runs in a fresh process, so the round's secrets
-(X25519 private keys, self-mask seed, the shares this site holds) and the trained update live in
-Flower's ``context.state``, which the SuperNode keeps per run at the site and never sends. The
-update is deleted once masked (stage 3), everything once the round ends at this site (stage 4, or
-any error), and stale state is dropped when the next round starts.
+(X25519 private keys, self-mask seed, the shares this site holds) live in Flower's ``context.state``,
+which the SuperNode keeps per run at the site and never sends; the trained update, quantised, lives in a
+private file at the site that the state names (:data:`STATE_UPDATE`: a model-sized vector in the state
+would be serialised at every message). The update is deleted once masked (stage 3), everything once the
+round ends at this site (stage 4, or any error), and stale state is dropped when the next round starts.
 
 Against a malicious coordinator (:mod:`fedfusion.common.secagg.signing`): stage 1 refuses a round the
 site's ``[secure-aggregation]`` policy forbids and signs the site's keys with its roster key; stage 2
