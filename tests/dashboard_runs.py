@@ -22,6 +22,7 @@ from fedfusion.client.app import make_client_app
 from fedfusion.client.audit import AuditLog
 from fedfusion.common.config import ClinicalColumn, ImageSpec, Schema
 from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.flower_adapter import message_identity
 from fedfusion.common.privacy_policy import PrivacyPolicy
 from fedfusion.common.records import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, arrays_to_numpy
 from fedfusion.server.federation import FederationResult, run_federation
@@ -144,17 +145,9 @@ def make_dashboard_run(root: Path, rounds: int = ROUNDS, run_dir: Path | None = 
 def run_in_process(grid: Any, run_config: dict[str, Any]) -> FederationResult:
     """``run_federation`` over an in-process grid, with the task identity Flower's runtime would set
     in a ServerApp process (messages need it), restored afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     cfg = FederationConfig.from_run_config(run_config)
-    saved = {attr: getattr(TaskIdentity, attr) for attr in ("_task_id", "_run_id", "_node_id")}
-    for attr, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 0)):
-        setattr(TaskIdentity, attr, value)
-    try:
+    with message_identity(task_id=1, run_id=RUN_ID, node_id=0):
         return run_federation(grid, cfg)
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
 
 
 _RUNS: dict[str, DashboardRun] = {}

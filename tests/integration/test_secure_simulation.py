@@ -23,6 +23,7 @@ from fedfusion.client.app import make_client_app
 from fedfusion.client.secure_aggregation import TEST_DROP_AT_UNMASK_KEY
 from fedfusion.common.config import ConfigError, Schema
 from fedfusion.common.federation_config import FederationConfig
+from fedfusion.common.flower_adapter import message_identity
 from fedfusion.common.records import ARRAYS_KEY, EPSILON_KEY, METRICS_KEY
 from fedfusion.common.secagg.testbed import with_simulation_keys
 from fedfusion.server.federation import run_federation
@@ -85,15 +86,11 @@ def runs(federation_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 def _in_process(run_config: dict[str, Any]) -> Any:
     """``run_federation`` with the real ClientApp behind a loopback Grid, one node per site."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     nodes = [17, 2**63 + 9, 2**64 - 3][: len(str(run_config["sites"]).split(","))]
     run_config = with_simulation_keys(run_config, len(nodes))  # a secure run's sites need keys and a roster
     grid = LoopbackGrid(make_client_app(run_config), nodes,
                         node_configs={node: {"partition-id": i} for i, node in enumerate(nodes)})
-    with pytest.MonkeyPatch.context() as patch:  # a run identity, as Flower's runtime sets in a ServerApp
-        for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-            patch.setattr(TaskIdentity, attr, value)
+    with message_identity(task_id=1, run_id=1, node_id=0):  # a run identity, as Flower's runtime sets in a ServerApp
         result = run_federation(grid, FederationConfig.from_run_config(run_config))
     result.grid = grid
     return result

@@ -105,13 +105,12 @@ def test_short_hash_collision_folder_is_never_imported(flower_task, tmp_path: Pa
     assert Path(sys.modules["goodpkg.app"].__file__).parent.parent.name == digest
 
 
-def test_unapproved_bundle_claiming_an_approved_hash_is_not_unpacked(flower_task, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unapproved_bundle_claiming_an_approved_hash_is_not_unpacked(flower_task, tmp_path: Path) -> None:
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.common.constant import ErrorCode
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedfusion.client.audit import iter_records
+    from fedfusion.common.flower_adapter import message_identity
 
     pwned = tmp_path / "pwned"
     good = _build(_project(tmp_path / "good", "goodpkg", ""))
@@ -125,12 +124,12 @@ def test_unapproved_bundle_claiming_an_approved_hash_is_not_unpacked(flower_task
     assert not home.exists() or not any(p.name == "app.py" for p in home.rglob("*"))  # nothing unpacked
 
     # The stand-in answers with the approval reason, and the reply is in the audit log first.
-    for attr, value in (("_task_id", 1), ("_run_id", 3), ("_node_id", 8)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
     log = tmp_path / "audit.jsonl"
-    msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=8, message_type="train")
-    reply = app(message=msg, context=Context(run_id=3, node_id=8, node_config={"audit-log": str(log), "site-id": "A"},
-                                             state=RecordDict(), run_config={}))
+    with message_identity(task_id=1, run_id=3, node_id=8):  # as Flower's runtime sets it for run 3 on node 8
+        msg = Message(RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=8, message_type="train")
+        reply = app(message=msg, context=Context(run_id=3, node_id=8,
+                                                 node_config={"audit-log": str(log), "site-id": "A"},
+                                                 state=RecordDict(), run_config={}))
     assert reply.has_error() and reply.error.code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
     assert reply.error.reason.startswith(f"refused: this site has not approved app bundle sha256={evil_digest}")
     (record,) = list(iter_records(log))

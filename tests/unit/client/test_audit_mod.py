@@ -15,13 +15,7 @@ from fedfusion.client.audit_mod import audit_mod
 DISTINCT = 0.123456789
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need a run identity, which Flower's runtime sets in a real ClientApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 99), ("_node_id", 7)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
 
 
 def _incoming(message_type: str = "train") -> Message:

@@ -27,10 +27,9 @@ METRICS = {"loss", "auc", "balanced_accuracy", "ece", "brier", "accuracy", "c_in
 
 def _evaluate(tmp_path: Path, n: int, extra: dict | None = None) -> dict[str, float]:
     """One evaluate message through the ClientApp (audit mod, handler, release rule) for a site of ``n`` cases."""
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedfusion.client.runtime import load_site
     from fedfusion.common.config import ModelConfig
+    from fedfusion.common.flower_adapter import message_identity
     from fedfusion.common.records import model_to_arrays
 
     schema_path = toy_schema().save(tmp_path / "schema.json")
@@ -40,17 +39,11 @@ def _evaluate(tmp_path: Path, n: int, extra: dict | None = None) -> dict[str, fl
     run_config = {"schema": str(schema_path), "fusion": "concat", "seed": 1}
     site = load_site(node_config["manifest"], str(schema_path), "A", "cpu")
     arrays: ArrayRecord = model_to_arrays(site.build_model(ModelConfig(fusion="concat")))
-    saved = {attr: getattr(TaskIdentity, attr) for attr in ("_task_id", "_run_id", "_node_id")}
-    for attr, value in (("_task_id", 1), ("_run_id", 7), ("_node_id", 5)):
-        setattr(TaskIdentity, attr, value)
-    try:
+    with message_identity(task_id=1, run_id=7, node_id=5):  # as Flower's runtime sets it for run 7 on node 5
         msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                       dst_node_id=5, message_type="evaluate")
         reply = make_client_app(run_config)(msg, Context(run_id=7, node_id=5, node_config=node_config,
                                                          state=RecordDict(), run_config={}))
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
     assert not reply.has_error(), reply.error
     return dict(reply.content[METRICS_KEY])
 

@@ -237,26 +237,20 @@ def test_privacy_status_and_site_start_refuse_a_missing_ledger(tmp_path: Path,
 def _train(app_config: dict, node_config: dict, schema_path: Path) -> object:
     """One train message through the real ClientApp (audit mod, refusal mods, handler) at site A."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedfusion.client.app import make_client_app
     from fedfusion.client.runtime import load_site
     from fedfusion.common.config import ModelConfig
+    from fedfusion.common.flower_adapter import message_identity
     from fedfusion.common.records import model_to_arrays
 
     site = load_site(node_config["manifest"], str(schema_path), "A", "cpu")
     arrays = model_to_arrays(site.build_model(ModelConfig(fusion="concat")))
-    saved = {attr: getattr(TaskIdentity, attr) for attr in ("_task_id", "_run_id", "_node_id")}
-    for attr, value in (("_task_id", 1), ("_run_id", 7), ("_node_id", 5)):  # Flower's runtime sets these
-        setattr(TaskIdentity, attr, value)
-    try:
+    with message_identity(task_id=1, run_id=7, node_id=5):  # as Flower's runtime sets it for run 7 on node 5
         msg = Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})}),
                       dst_node_id=5, message_type="train")
         return make_client_app(app_config)(msg, Context(run_id=7, node_id=5, node_config=node_config,
                                                         state=RecordDict(), run_config={}))
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
 
 
 def test_a_new_study_name_is_refused_at_the_all_studies_cap_and_the_ledger_is_unchanged(tmp_path: Path) -> None:

@@ -62,12 +62,7 @@ from tests.secagg_fakes import (
 RUN = {"secure-aggregation": True, "secagg-weight-bound": 1000.0}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
+pytestmark = pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
 
 
 class Sites:

@@ -25,16 +25,8 @@ from tests.dashboard_runs import toy_schema
 from tests.secagg_fakes import LoopbackGrid
 from tests.sitegen import make_site
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "flower_task_identity")
 SITES = ("A", "B")
-
-
-@pytest.fixture(autouse=True)
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
 
 
 @pytest.fixture(scope="module")

@@ -102,12 +102,11 @@ class _CrashesAtEvaluate:
 
 
 def test_a_resumed_run_gets_the_same_release_and_no_second_charge(tmp_path: Path) -> None:
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedfusion.client.app import make_client_app
     from fedfusion.client.audit import iter_records
     from fedfusion.client.ledger import PrivacyLedger
     from fedfusion.common.federation_config import FederationConfig
+    from fedfusion.common.flower_adapter import message_identity
     from fedfusion.common.privacy_policy import PrivacyPolicy
     from fedfusion.server.federation import run_federation
     from tests.dashboard_runs import RUN_ID, InProcessGrid, toy_schema
@@ -126,19 +125,13 @@ def test_a_resumed_run_gets_the_same_release_and_no_second_charge(tmp_path: Path
                   "run-dir": str(run_dir), "local-epochs": 1, "local-batch-size": 16, "fusion": "concat",
                   "dp-mode": "sample", "dp-noise-multiplier": 1.0, "study": "toy-dp", "round-timeout": 60.0}
     app = make_client_app(run_config)
-    saved = {attr: getattr(TaskIdentity, attr) for attr in ("_task_id", "_run_id", "_node_id")}
-    for attr, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 0)):  # Flower's runtime sets these
-        setattr(TaskIdentity, attr, value)
-    try:
+    with message_identity(task_id=1, run_id=RUN_ID, node_id=0):  # as Flower's runtime sets it in a ServerApp
         with pytest.raises(_CoordinatorCrash):
             run_federation(_CrashesAtEvaluate(InProcessGrid(app, node_configs), 1),  # type: ignore[arg-type]
                            FederationConfig.from_run_config(run_config))
         assert not list(run_dir.glob("checkpoints/*.pt"))  # the crash came before round 1's checkpoint
         resumed = run_federation(InProcessGrid(app, node_configs),  # type: ignore[arg-type]
                                  FederationConfig.from_run_config({**run_config, "resume": True}))
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
     assert [row["round"] for row in resumed.rounds] == [0, 1] and resumed.rounds[1]["sites_trained"] == 1
     for site, folder in folders.items():
         entries = PrivacyLedger(folder / "privacy-ledger.json").studies()["toy-dp"]

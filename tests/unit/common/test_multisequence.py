@@ -229,12 +229,9 @@ def test_shared_image_encoder_is_weighted_by_the_sites_sequence_images(schema: S
     assert np.allclose(out["encoders.image.backbone.features.0.weight"], (20 * 1.0 + 30 * 5.0) / 50, atol=1e-6)
 
 
-def test_strategy_aggregates_sequence_groups_from_real_replies(schema: Schema, monkeypatch) -> None:
+@pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
+def test_strategy_aggregates_sequence_groups_from_real_replies(schema: Schema) -> None:
     """Through ModalityAwareFedAvg.aggregate_train, with uniform weights off and on."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
     model = create_model(schema, ModelConfig(image_encoders="separate", embed_dim=8))
     strategy = build_strategy("fedavg", _groups(model), min_sites=2)
     strategy._global = _state(model, 0.0)

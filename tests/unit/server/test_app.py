@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,25 +10,16 @@ import pytest
 from flwr.app import Context, RecordDict
 
 from fedfusion.client.app import make_client_app
+from fedfusion.common.flower_adapter import MessageIdentity, message_identity
 from fedfusion.server.app import make_server_app
 from fedfusion.server.federation import RunIncomplete
 from tests.dashboard_runs import RUN_ID, InProcessGrid, toy_schema
 from tests.sitegen import make_site
 
 
-@contextmanager
-def _serverapp_identity() -> Iterator[None]:
-    """The task identity Flower's runtime sets in a ServerApp process (messages need it)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {attr: getattr(TaskIdentity, attr) for attr in ("_task_id", "_run_id", "_node_id")}
-    for attr, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", 0)):
-        setattr(TaskIdentity, attr, value)
-    try:
-        yield
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
+def _serverapp_identity() -> MessageIdentity:
+    """The task identity Flower's runtime sets in a ServerApp process (messages need it); restored on exit."""
+    return message_identity(task_id=1, run_id=RUN_ID, node_id=0)
 
 
 def _refusing_federation(tmp_path: Path) -> tuple[InProcessGrid, dict[str, Any]]:

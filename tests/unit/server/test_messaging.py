@@ -6,6 +6,8 @@ import time
 from collections.abc import Iterable
 from types import SimpleNamespace
 
+import pytest
+
 from fedfusion.server.messaging import send_and_collect
 
 
@@ -47,17 +49,16 @@ def test_a_silent_site_is_absent_after_the_timeout() -> None:
     assert 0.3 <= time.monotonic() - began < 2.0
 
 
+@pytest.mark.usefixtures("flower_task_identity")  # Messages built outside Flower's runtime
 def test_every_reply_received_is_recorded_with_the_audit_hash(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """RecordingGrid: one replies.jsonl line per reply pulled, hashed exactly as the site's audit does."""
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
     from flwr.common.constant import ErrorCode
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedfusion.common.reply_digest import payload_sha256
     from fedfusion.server.messaging import RecordingGrid, ReplyLog, read_replies
 
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 5, 0, 1  # what Flower's runtime sets
     trains = []
     for node, message_id in ((11, "m1"), (12, "m2")):  # replies carry no round: it comes from what they answer
         trains.append(Message(RecordDict({"config": ConfigRecord({"server-round": 2})}), dst_node_id=node,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fedfusion.common.flower_adapter import roundtrip
 from fedfusion.common.secagg.config import SecAggConfig, default_threshold
 from fedfusion.common.secagg.layout import VectorLayout
 from fedfusion.common.secagg.messages import (
@@ -57,27 +58,23 @@ def test_modulus_too_small_for_the_sites_is_refused_at_the_server() -> None:
 
 
 def test_config_round_trips_through_a_flower_config_record() -> None:
-    from flwr.app import ConfigRecord
-    from flwr.common.serde import config_record_from_proto, config_record_to_proto
+    from flwr.app import ConfigRecord, RecordDict
 
     config = SecAggConfig.create(BIG_IDS, LAYOUT, clip=0.5, weight_bound=5000.0, bits=40, value_bits=20)
 
-    record = config_record_from_proto(config_record_to_proto(ConfigRecord(config.to_record())))
+    record = roundtrip(RecordDict({"secagg": ConfigRecord(config.to_record())}))["secagg"]
+
+    assert isinstance(record, ConfigRecord)
 
     assert SecAggConfig.from_record(record) == config
 
 
 def test_messages_round_trip_through_flower_records() -> None:
-    from flwr.app import Array, ArrayRecord, ConfigRecord
-    from flwr.common.serde import (
-        array_record_from_proto,
-        array_record_to_proto,
-        config_record_from_proto,
-        config_record_to_proto,
-    )
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
     def through(values: dict) -> ConfigRecord:
-        return config_record_from_proto(config_record_to_proto(ConfigRecord(values)))
+        """``values`` as a ConfigRecord after Flower's wire format (to proto and back, inside a RecordDict)."""
+        return roundtrip(RecordDict({"c": ConfigRecord(values)}))["c"]
 
     keys = AdvertisedKeys(b"c" * 32, b"s" * 32)
     request = UnmaskRequest((BIG_IDS[0], 3), (BIG_IDS[1],))
@@ -85,7 +82,7 @@ def test_messages_round_trip_through_flower_records() -> None:
     bundles = {BIG_IDS[0]: b"ciphertext"}
     vector = np.arange(7, dtype=np.uint32)
 
-    arrays = array_record_from_proto(array_record_to_proto(ArrayRecord({"masked": Array(vector)})))
+    arrays = roundtrip(RecordDict({"a": ArrayRecord({"masked": Array(vector)})}))["a"]
 
     assert AdvertisedKeys.from_dict(through(keys.to_dict())) == keys
     assert UnmaskRequest.from_dict(through(request.to_dict())) == request
