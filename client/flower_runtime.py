@@ -19,9 +19,11 @@ It is also the site side of the Flower adapter (the shared side, with the versio
 here, each with a canary in ``tests/unit/test_flower_canaries.py``:
 
 - the warm SuperExec (:mod:`fedfusion.client.warm_executor`): Flower's ``Executor`` types, the
-  ``get_executor`` seam of ``run_superexec``, ``run_clientapp`` and its object-pull backoff;
+  ``get_executor`` seam of ``run_superexec``, ``run_clientapp``, its object-pull backoff and its
+  ``pull_task_input`` (watched, to install and import the app while the message arrives);
 - the SuperNode runner (:mod:`fedfusion.client.supernode_runner`): the ``time`` module that
-  ``flwr.supernode.start_client_internal`` idles with, and the ``flower-supernode`` entry point;
+  ``flwr.supernode.start_client_internal`` idles with, its object-pull backoff, and the ``flower-supernode``
+  entry point;
 - code approval: Flower's deterministic FAB build;
 - releases kept before this adapter existed (Flower's serialized object tree), read once for upgrade.
 """
@@ -46,6 +48,8 @@ LOADER_FACTORY_NAME = "get_load_client_app_fn"
 RUN_SUPEREXEC_MODULE = "flwr.supercore.superexec.run_superexec"
 EXECUTOR_FACTORY_NAME = "get_executor"
 OBJECT_PULL_NAME = "pull_and_inflate_object_from_tree"
+# The task body's first step (task input, then the message), and the serde names that read its response.
+PULL_TASK_INPUT_NAME = "pull_task_input"
 # The SuperNode loop module whose view of ``time`` we replace.
 SUPERNODE_LOOP_MODULE = "flwr.supernode.start_client_internal"
 
@@ -127,12 +131,115 @@ def use_short_object_pull_backoff(initial_backoff: float, backoff_cap: float) ->
     Flower's own pull function, partially applied; no try limit (Flower's 2 h ``max_time`` still applies).
     Call in the task process only: the replacement is global to Flower's ``run_clientapp`` module.
     """
-    import functools
+    from fedfusion.common.flower_adapter import with_short_pull_backoff
 
     module = run_clientapp_module()
-    setattr(module, OBJECT_PULL_NAME, functools.partial(getattr(module, OBJECT_PULL_NAME),
-                                                        initial_backoff=initial_backoff, backoff_cap=backoff_cap,
-                                                        max_tries_per_object=None))
+    setattr(module, OBJECT_PULL_NAME, with_short_pull_backoff(getattr(module, OBJECT_PULL_NAME), initial_backoff,
+                                                               backoff_cap))
+
+
+def use_short_supernode_pull_backoff(initial_backoff: float, backoff_cap: float) -> None:
+    """Make this process's SuperNode loop pull a message's objects from the SuperLink with a short backoff.
+
+    The SuperNode sees a message as soon as the ServerApp has pushed its header, often before all of its
+    objects are stored; Flower's first retry then waits 1 s. Call in the SuperNode process only.
+    """
+    from fedfusion.common.flower_adapter import PULL_OBJECTS_NAME, with_short_pull_backoff
+
+    module = supernode_loop_module()
+    setattr(module, PULL_OBJECTS_NAME, with_short_pull_backoff(getattr(module, PULL_OBJECTS_NAME), initial_backoff,
+                                                                backoff_cap))
+
+
+class _TaskInputWatcher:
+    """The task's Runtime API client, unchanged, except that the task input it returns is also handed to
+    ``on_task_input`` (the moment the run's FAB and context are known, before the message is pulled)."""
+
+    def __init__(self, client: Any, on_task_input: Callable[[Any], None]) -> None:
+        self._client = client
+        self._on_task_input = on_task_input
+
+    def PullTaskInput(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - Flower's method name
+        response = self._client.PullTaskInput(*args, **kwargs)
+        self._on_task_input(response)
+        return response
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def prepare_app_while_message_arrives(prepare: Callable[[Any, Any], None] | None = None) -> None:
+    """Install the run's app bundle and import its ClientApp while the task's message is still arriving.
+
+    Why: Flower's task body pulls the task input (context, run, FAB), then the message, and only then
+    installs the FAB and imports the ClientApp. The message's objects usually arrive a second later (the
+    SuperNode is still pulling them from the SuperLink), while install + import + the app's first data
+    load cost ~1 s of CPU: measured on loopback, they ran one after the other. Here a thread starts them
+    as soon as the task input is known, through whatever install and loader this process uses (the code
+    approval gate's, when a site has an allow-list), then calls ``prepare(context, client_app)`` (e.g. load
+    the site's data; its errors are ignored, the handler meets and reports them itself). Flower's own
+    install and load calls then return that thread's results (or raise its exception, so a refused or
+    broken bundle fails exactly as before). Call in the task process, after any other replacement.
+    """
+    import threading
+
+    module = run_clientapp_module()
+    pull_task_input = getattr(module, PULL_TASK_INPUT_NAME)
+    install, loader_factory = getattr(module, INSTALL_NAME), getattr(module, LOADER_FACTORY_NAME)
+    threads: list[threading.Thread] = []
+    result: dict[str, Any] = {}
+
+    def prepare_app(response: Any) -> None:
+        try:
+            context = module.context_from_proto(response.context)
+            run, fab = module.run_from_proto(response.run), module.fab_from_proto(response.fab)
+            result["installed"] = install(fab.content, skip_prompt=True)
+        except BaseException as err:  # noqa: BLE001 - re-raised where Flower's own install would raise it
+            result["install_error"] = err
+            return
+        result["key"] = (run.fab_id, run.fab_version, fab.hash_str)
+        try:
+            result["app"] = loader_factory(default_app_ref="", app_path=None, multi_app=True)(*result["key"])
+        except BaseException as err:  # noqa: BLE001 - re-raised where Flower's own load would raise it
+            result["load_error"] = err
+            return
+        if prepare is not None:
+            try:
+                prepare(context, result["app"])
+            except Exception:  # noqa: BLE001, S110 - only a warm-up: the handler repeats it and reports failures
+                pass
+
+    def on_task_input(response: Any) -> None:
+        if not threads:  # one task per process; a second call would be Flower's retry of the same request
+            threads.append(threading.Thread(target=prepare_app, args=(response,), name="fedfusion-prepare-app",
+                                            daemon=True))
+            threads[0].start()
+
+    def prepared_install(*args: Any, **kwargs: Any) -> Any:
+        for thread in threads:
+            thread.join()
+        if "install_error" in result:
+            raise result.pop("install_error")
+        return result["installed"] if "installed" in result else install(*args, **kwargs)
+
+    def prepared_loader_factory(*args: Any, **kwargs: Any) -> Callable[[str, str, str], Any]:
+        def load(fab_id: str, fab_version: str, fab_hash: str) -> Any:
+            for thread in threads:
+                thread.join()
+            if result.get("key") != (fab_id, fab_version, fab_hash):  # not what was prepared: Flower's own load
+                return loader_factory(*args, **kwargs)(fab_id, fab_version, fab_hash)
+            if "load_error" in result:
+                raise result.pop("load_error")
+            return result["app"]
+
+        return load
+
+    def watched_pull_task_input(client: Any) -> Any:
+        return pull_task_input(_TaskInputWatcher(client, on_task_input))
+
+    setattr(module, PULL_TASK_INPUT_NAME, watched_pull_task_input)
+    setattr(module, INSTALL_NAME, prepared_install)
+    setattr(module, LOADER_FACTORY_NAME, prepared_loader_factory)
 
 
 def run_clientapp_task(spec: ExecutionSpec) -> None:

@@ -330,6 +330,49 @@ def test_the_object_pull_backoff_replacement_keeps_flowers_function(monkeypatch:
     assert replaced.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": None}
 
 
+def test_the_task_body_pulls_its_input_before_the_message_then_installs_and_loads() -> None:
+    # prepare_app_while_message_arrives watches the client pull_task_input is given, reads its task input
+    # with the module's serde names, and answers the later install/load calls: the order must hold.
+    module = flower_runtime.run_clientapp_module()
+    body = inspect.getsource(module.run_clientapp)
+    positions = [body.index(f"{name}(") for name in (flower_runtime.PULL_TASK_INPUT_NAME, flower_runtime.INSTALL_NAME,
+                                                     flower_runtime.LOADER_FACTORY_NAME)]
+    assert positions == sorted(positions)
+    pull = inspect.getsource(getattr(module, flower_runtime.PULL_TASK_INPUT_NAME))
+    assert pull.index("client.PullTaskInput(") < pull.index("client.PullMessages(")
+    assert _params(getattr(module, flower_runtime.PULL_TASK_INPUT_NAME)) == ["client"]
+    for name in ("context_from_proto", "run_from_proto", "fab_from_proto"):
+        assert callable(getattr(module, name)), name
+    assert "skip_prompt=True" in body
+
+
+@pytest.mark.parametrize("module_name", [flower_adapter.GRID_MODULE, flower_runtime.SUPERNODE_LOOP_MODULE])
+def test_the_grid_and_the_supernode_pull_objects_through_the_replaced_name(module_name: str) -> None:
+    # The Grid (ServerApp) and the SuperNode loop import Flower's pull_objects by name and call it as a
+    # module global, so replacing that name shortens their backoff; its keywords must still exist.
+    from flwr.supercore.inflatable import inflatable_utils
+
+    module = importlib.import_module(module_name)
+    pull = getattr(module, flower_adapter.PULL_OBJECTS_NAME)
+    assert getattr(pull, "_fedfusion_original", pull) is inflatable_utils.pull_objects
+    assert {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"} <= set(
+        _params(inflatable_utils.pull_objects))
+    assert f"{flower_adapter.PULL_OBJECTS_NAME}(" in inspect.getsource(module)
+    assert inflatable_utils.PULL_INITIAL_BACKOFF == 1  # Flower's default, which the replacement shortens
+
+
+def test_the_grid_pull_backoff_replacement_wraps_flowers_function_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module(flower_adapter.GRID_MODULE)
+    original = getattr(module, flower_adapter.PULL_OBJECTS_NAME)
+    original = getattr(original, "_fedfusion_original", original)
+    monkeypatch.setattr(module, flower_adapter.PULL_OBJECTS_NAME, original)
+    flower_adapter.use_short_grid_pull_backoff(0.2, 1.0)
+    flower_adapter.use_short_grid_pull_backoff(0.05, 0.5)  # every send_and_collect calls it: never nests
+    replaced = getattr(module, flower_adapter.PULL_OBJECTS_NAME)
+    assert replaced.func is original
+    assert replaced.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": None}
+
+
 def test_superexec_builds_its_executor_through_the_replaced_name() -> None:
     module = importlib.import_module(flower_runtime.RUN_SUPEREXEC_MODULE)
     assert callable(getattr(module, flower_runtime.EXECUTOR_FACTORY_NAME))
