@@ -31,6 +31,7 @@ here, each with a canary in ``tests/unit/test_flower_canaries.py``:
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -116,6 +117,42 @@ def replace_fab_install_and_load(install: Installer, loader_factory: LoaderFacto
                                "fedfusion's code approval; install flwr 1.41.x")
     setattr(module, INSTALL_NAME, install)
     setattr(module, LOADER_FACTORY_NAME, loader_factory)
+
+
+def forget_installed_fedfusion() -> list[str]:
+    """Drop every ``fedfusion`` module from ``sys.modules``; return their names.
+
+    Why: a warm task process is forked from a parent that imported ``fedfusion`` (the executor itself) from
+    the site's installed copy. Flower's loader puts the run's unpacked bundle first on ``sys.path`` and
+    imports ``fedfusion.client.app``; with ``fedfusion`` already imported, Python resolves that submodule
+    through the *installed* package's ``__path__``, so the task ran the site's installed code, not the
+    bundle the coordinator sent and the site approved by hash. Forgetting the installed modules right
+    before the import makes ``fedfusion`` resolve from the bundle (its ``__init__`` adds the bundle's
+    folders to ``__path__``). Functions already running keep their own module's globals.
+    """
+    names = [name for name in sys.modules if name == "fedfusion" or name.startswith("fedfusion.")]
+    for name in names:
+        del sys.modules[name]
+    return names
+
+
+def import_apps_from_their_bundle() -> None:
+    """Make every ClientApp load in this task process import from the run's bundle (see
+    :func:`forget_installed_fedfusion`); call in the warm executor's forked child after code approval's
+    replacement of the loader and before :func:`prepare_app_while_message_arrives` (which captures it)."""
+    module = run_clientapp_module()
+    loader_factory = getattr(module, LOADER_FACTORY_NAME)
+
+    def bundle_loader_factory(*args: Any, **kwargs: Any) -> Callable[[str, str, str], Any]:
+        load = loader_factory(*args, **kwargs)
+
+        def load_from_bundle(fab_id: str, fab_version: str, fab_hash: str) -> Any:
+            forget_installed_fedfusion()
+            return load(fab_id, fab_version, fab_hash)
+
+        return load_from_bundle
+
+    setattr(module, LOADER_FACTORY_NAME, bundle_loader_factory)
 
 
 def build_fab(app_dir: Path) -> bytes:

@@ -143,6 +143,9 @@ def _run_task_in_child(spec: ExecutionSpec, approved_apps: frozenset[str] | None
         # Flower's own pull, with a short backoff; no try limit (Flower's max_time of 2 h still applies)
         # so a large model arriving over a slow hospital uplink is waited for, not abandoned.
         flower_runtime.use_short_object_pull_backoff(OBJECT_PULL_INITIAL_BACKOFF_S, OBJECT_PULL_BACKOFF_CAP_S)
+        # The app's fedfusion modules come from the run's bundle, not from this site's installed copy that the
+        # parent imported (the code the site approved by hash is the code that runs).
+        flower_runtime.import_apps_from_their_bundle()
         # Install, import and load the site's data while the message's objects are still arriving (after the
         # approval check is in place: the preparation goes through it).
         flower_runtime.prepare_app_while_message_arrives(load_site_data)
