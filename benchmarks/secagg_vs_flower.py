@@ -228,6 +228,24 @@ def flower(params: int, sites: int, secure: bool, tensors: int = 5, sizing: bool
     return times["end"] - times["start"], sent_bytes(grid, nodes[0]) / (4 * params)
 
 
+def run_column_fresh(column: str, params: int, sites: int, tensors: int) -> tuple[float, float]:
+    """:func:`run_column` in a new process (``--fresh-process``): at 10M parameters a round's time depends on
+    what the allocator holds from the rounds before it (measured: Flower's plain round 0.62-1.21 s in one
+    process), so each round starts from the same empty state; imports and the warm-up are not timed."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_fresh_round, column, params, sites, tensors).result()
+
+
+def _fresh_round(column: str, params: int, sites: int, tensors: int) -> tuple[float, float]:
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    message_identity()
+    run_column(column, 10_000, 3, tensors)  # warm-up: imports, first-call caches
+    return run_column(column, params, sites, tensors)
+
+
 def run_column(column: str, params: int, sites: int, tensors: int, sizing: bool = False) -> tuple[float, float]:
     """One round of one table column: (seconds, bytes one site sent / 4 N; NaN unless ``sizing``, whose
     serialising of every reply makes that round's time not comparable)."""
@@ -245,6 +263,8 @@ def main() -> None:
     parser.add_argument("--tensors", type=int, default=100,
                         help="arrays the model is split into (the fusion model's state_dict has ~100)")
     parser.add_argument("--no-flower", action="store_true")
+    parser.add_argument("--fresh-process", action="store_true",
+                        help="time every round in a new process (same allocator state for every column)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     started = provenance()
@@ -267,7 +287,8 @@ def main() -> None:
                 for column in columns:
                     if args.no_flower and column.startswith("flower"):
                         continue
-                    times[column].append(run_column(column, params, sites, args.tensors)[0])
+                    run = run_column_fresh if args.fresh_process else run_column
+                    times[column].append(run(column, params, sites, args.tensors)[0])
             for column in columns:  # bytes: one untimed round per column
                 if not (args.no_flower and column.startswith("flower")):
                     sent[column] = run_column(column, params, sites, args.tensors, sizing=True)[1]

@@ -160,14 +160,17 @@ class PackLayout:
             raise LayoutMismatch(f"cannot pack: tensor names differ from the layout's "
                                  f"(extra {sorted(set(tensors) - {s.name for s in self.slots})[:5]}, "
                                  f"missing {sorted({s.name for s in self.slots} - set(tensors))[:5]})")
-        buffers = {key: np.empty(total, dtype=dtype) for key, (total, dtype) in self.sizes.items()}
+        # Slots are in offset order within each array key, so an array's bytes are its tensors' bytes joined:
+        # one copy, straight from the tensors into the message (no intermediate buffer).
+        parts: dict[str, list[memoryview]] = {key: [] for key in self.sizes}
         for s in self.slots:
             value = np.asarray(tensors[s.name])
             if value.shape != s.shape or value.dtype != np.dtype(s.dtype):
                 raise LayoutMismatch(f"cannot pack '{s.name}': {value.dtype}{list(value.shape)}, the layout "
                                      f"says {s.dtype}{list(s.shape)}")
-            buffers[s.key][s.offset:s.offset + s.size] = value.reshape(-1)
-        return ArrayRecord({key: encode_vector(buffer) for key, buffer in buffers.items()})
+            parts[s.key].append(memoryview(np.require(value, requirements="C").reshape(-1).view(np.uint8)))
+        return ArrayRecord({key: _joined_vector(total, np.dtype(dtype), parts[key])
+                            for key, (total, dtype) in self.sizes.items()})
 
     def unpack(self, record: ArrayRecord, sent_sha256: str | None) -> dict[str, np.ndarray]:
         """Named tensors (read-only views of the message's bytes), after checking the sender's layout hash."""
@@ -198,6 +201,17 @@ def encode_vector(vector: np.ndarray) -> Array:
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(vector))
     data = b"".join([header.getvalue(), memoryview(vector.reshape(-1).view(np.uint8))])
     return Array(dtype=str(vector.dtype), shape=tuple(vector.shape), stype="numpy.ndarray", data=data)
+
+
+def _joined_vector(total: int, dtype: np.dtype, parts: list[memoryview]) -> Array:
+    """The Array of a 1-D ``dtype[total]`` vector whose bytes are ``parts`` in order (np.save's format)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                  "fortran_order": False, "shape": (total,)})
+    data = b"".join([header.getvalue(), *parts])
+    if len(data) - header.tell() != total * dtype.itemsize:
+        raise LayoutMismatch(f"packed {len(data) - header.tell()} bytes for {dtype}[{total}]")
+    return Array(dtype=str(dtype), shape=(total,), stype="numpy.ndarray", data=data)
 
 
 def decode_vector(array: Array) -> np.ndarray:

@@ -211,3 +211,19 @@ def test_decode_refuses_pickles_truncated_bytes_and_other_stypes() -> None:
         decode_vector(Array(dtype=good.dtype, shape=good.shape, stype="torch.raw", data=good.data))
     with pytest.raises(LayoutMismatch, match="not in numpy's format"):
         decode_vector(Array(dtype=good.dtype, shape=good.shape, stype=good.stype, data=b"not numpy" * 10))
+
+
+def test_pack_writes_each_array_as_numpy_writes_the_concatenated_tensors() -> None:
+    """pack joins the tensors' bytes straight into the message; the result is byte for byte what
+    Array(np.concatenate(...)) writes, including a non-contiguous tensor and a 0-d counter."""
+    from flwr.app import Array
+
+    model = _model()
+    model["heads.risk.w"] = np.asfortranarray(model["heads.risk.w"])  # a transposed-layout tensor
+    layout = PackLayout.of(model, GROUPS)
+    record = layout.pack(model)
+    for key, (total, dtype) in layout.sizes.items():
+        slots = [s for s in layout.slots if s.key == key]
+        expected = np.concatenate([np.asarray(model[s.name]).reshape(-1) for s in slots]).astype(dtype)
+        assert record[key].data == Array(expected).data and expected.size == total
+    np.testing.assert_array_equal(layout.unpack(record, layout.sha256)["heads.risk.w"], model["heads.risk.w"])
