@@ -200,16 +200,22 @@ def test_the_kept_update_is_a_private_file_deleted_once_masked_or_failed_and_swe
     assert reply.has_error() and not kept.exists() and STATE_UPDATE not in site.state
 
 
-def test_a_kept_update_that_changed_on_disk_is_refused_not_masked(tmp_path: Path) -> None:
-    config, content, server = _round_setup()
-    sites = {n: _Site(n, node_config={"audit-log": str(tmp_path / f"site{n}" / "audit.jsonl")}) for n in NODES}
+def _share_keys(sites: dict[int, _Site], config: SecAggConfig, content: RecordDict,
+                server: SecAggServer) -> dict[int, dict[int, bytes]]:
+    """Run stages 1 and 2 at every site; return the share bundles routed to each (stage 3's input)."""
     keys = {n: AdvertisedKeys.from_dict(s.send(ACTION_ADVERTISE_KEYS, content).content[KEYS_KEY])
             for n, s in sites.items()}
     broadcast = server.collect_keys(keys)
     everyone = RecordDict({KEYS_KEY: broadcast_record(config, broadcast)})
     shared = {n: bundles_from_dict(s.send(ACTION_SHARE_KEYS, everyone).content[BUNDLES_KEY])
               for n, s in sites.items()}
-    routed = server.route_shares(shared)
+    return server.route_shares(shared)
+
+
+def test_a_kept_update_that_changed_on_disk_is_refused_not_masked(tmp_path: Path) -> None:
+    config, content, server = _round_setup()
+    sites = {n: _Site(n, node_config={"audit-log": str(tmp_path / f"site{n}" / "audit.jsonl")}) for n in NODES}
+    routed = _share_keys(sites, config, content, server)
     site = sites[NODES[0]]
     np.save(Path(str(site.state[STATE_UPDATE]["file"])), np.zeros(3, dtype=np.uint32))
     reply = site.send(ACTION_MASKED_INPUT, RecordDict({BUNDLES_KEY: ConfigRecord(
@@ -260,13 +266,7 @@ def test_secrets_are_discarded_after_masking() -> None:
     sites = {n: _Site(n) for n in NODES}
     # run up to stage 3 by hand, then inspect one site's state
     ctx = {CONTEXT_KEY: config.context}
-    keys = {n: AdvertisedKeys.from_dict(s.send(ACTION_ADVERTISE_KEYS, content).content[KEYS_KEY])
-            for n, s in sites.items()}
-    broadcast = server.collect_keys(keys)
-    everyone = RecordDict({KEYS_KEY: broadcast_record(config, broadcast)})
-    shared = {n: bundles_from_dict(s.send(ACTION_SHARE_KEYS, everyone).content[BUNDLES_KEY])
-              for n, s in sites.items()}
-    routed = server.route_shares(shared)
+    routed = _share_keys(sites, config, content, server)
     site = sites[NODES[1]]
     reply = site.send(ACTION_MASKED_INPUT, RecordDict({BUNDLES_KEY: ConfigRecord(
         {**ctx, **bundles_to_dict(routed[NODES[1]])})}))
