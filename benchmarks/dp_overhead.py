@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from fedfusion.common.config import ClinicalColumn, ImageSpec, ModelConfig, Schema
 from fedfusion.common.models import create_model
 from fedfusion.common.privacy import make_private
-from fedfusion.common.training import pick_device
+from fedfusion.common.training import keep_freed_memory_for_reuse, pick_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import provenance, write_json  # noqa: E402  (benchmarks/ is not a package)
@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--json", "--out", dest="out", metavar="PATH", default=None,
                         help="also write the rows and their provenance here")
     args = parser.parse_args()
+    keep_freed_memory_for_reuse()  # as every training loop does (common/training.py: train_epochs)
     started = provenance()
     warnings.filterwarnings("ignore")
     if args.threads:

@@ -99,6 +99,40 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool, seed: int = 0, 
                       num_workers=num_workers, drop_last=False, pin_memory=torch.cuda.is_available())
 
 
+#: glibc ``mallopt`` parameters (malloc.h): freed heap above this stays in the process; allocations below it
+#: come from the heap rather than from a fresh ``mmap``.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_ALLOCATOR_TUNED: list[bool] = []
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Let this process reuse the memory of one training step in the next (glibc only; once per process).
+
+    Why: a step allocates multi-MB tensors (activations, per-sample norms, gradients). glibc serves each
+    from its own ``mmap`` and returns it to the OS when freed, so the next step page-faults the same
+    megabytes back in. Measured on the default model, CPU, batch 64: a DP (fused) step 73-78 ms -> 54-58 ms,
+    a plain step 46 -> 37-40 ms (benchmarks/dp_overhead.py). The price: the process keeps its peak heap
+    (up to 1 GiB is not trimmed), which a training process reaches every step anyway. Returns whether
+    the allocator was tuned (False off glibc, e.g. macOS; nothing else changes there).
+    """
+    if _ALLOCATOR_TUNED:
+        return _ALLOCATOR_TUNED[0]
+    tuned = False
+    try:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version"):
+            tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)) and bool(
+                libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    except OSError:
+        tuned = False
+    _ALLOCATOR_TUNED.append(tuned)
+    return tuned
+
+
 def train_epochs(
     model: nn.Module,
     loader: DataLoader,
@@ -123,6 +157,7 @@ def train_epochs(
     ``proximal_mu=0`` (the private optimizer applies FedProx's term itself) and
     ``on_empty_batch``, called instead of skipping an empty Poisson batch.
     """
+    keep_freed_memory_for_reuse()
     model.to(device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     use_amp = amp and device.type == "cuda"

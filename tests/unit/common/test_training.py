@@ -100,3 +100,16 @@ def test_loaders_pin_memory_exactly_when_a_gpu_is_present(cuda: bool, monkeypatc
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     assert make_loader(list(range(8)), 4, shuffle=False).pin_memory is cuda
+
+
+def test_training_keeps_freed_memory_for_the_next_step_on_glibc() -> None:
+    """The allocator tuning train_epochs applies (freed step memory reused, not returned to the OS and
+    page-faulted back) succeeds on glibc, and is applied once per process."""
+    import platform
+
+    from fedfusion.common import training
+
+    first = training.keep_freed_memory_for_reuse()
+    assert training.keep_freed_memory_for_reuse() is first  # once per process
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first is True
