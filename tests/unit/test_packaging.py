@@ -50,6 +50,7 @@ LAZY_EXTRAS: dict[str, str] = {
     "onnx": "export",
     "onnxruntime": "export",
     "onnxscript": "export",
+    "ray": "simulation",           # hiding Ray's forwarded actor-shutdown line (simulations/runtime_notices.py)
 }
 
 # Core dependencies the code never imports itself, and why they are declared anyway.
