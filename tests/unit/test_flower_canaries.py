@@ -207,14 +207,16 @@ class _FlowerLog(logging.Handler):
 
     def __enter__(self) -> _FlowerLog:
         self._logger = logging.getLogger("flwr")
-        self._level = self._logger.level
+        self._level, self._disabled = self._logger.level, self._logger.disabled
         self._logger.addHandler(self)
         self._logger.setLevel(logging.DEBUG)
+        self._logger.disabled = False  # a logging.config call elsewhere may have disabled existing loggers
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._logger.removeHandler(self)
         self._logger.setLevel(self._level)
+        self._logger.disabled = self._disabled
 
 
 @pytest.mark.usefixtures("flower_task_identity")
