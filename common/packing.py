@@ -169,7 +169,7 @@ class PackLayout:
                 raise LayoutMismatch(f"cannot pack '{s.name}': {value.dtype}{list(value.shape)}, the layout "
                                      f"says {s.dtype}{list(s.shape)}")
             parts[s.key].append(memoryview(np.require(value, requirements="C").reshape(-1).view(np.uint8)))
-        return ArrayRecord({key: _joined_vector(total, np.dtype(dtype), parts[key])
+        return ArrayRecord({key: _npy_array((total,), np.dtype(dtype), parts[key])
                             for key, (total, dtype) in self.sizes.items()})
 
     def unpack(self, record: ArrayRecord, sent_sha256: str | None) -> dict[str, np.ndarray]:
@@ -197,21 +197,20 @@ def encode_vector(vector: np.ndarray) -> Array:
     vector = np.require(vector, requirements="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
     if vector.dtype.hasobject:
         raise ValueError("object arrays cannot be sent (they would need pickle)")
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(vector))
-    data = b"".join([header.getvalue(), memoryview(vector.reshape(-1).view(np.uint8))])
-    return Array(dtype=str(vector.dtype), shape=tuple(vector.shape), stype="numpy.ndarray", data=data)
+    return _npy_array(tuple(vector.shape), vector.dtype, [memoryview(vector.reshape(-1).view(np.uint8))])
 
 
-def _joined_vector(total: int, dtype: np.dtype, parts: list[memoryview]) -> Array:
-    """The Array of a 1-D ``dtype[total]`` vector whose bytes are ``parts`` in order (np.save's format)."""
+def _npy_array(shape: tuple[int, ...], dtype: np.dtype, parts: list[memoryview]) -> Array:
+    """The Array of a C-ordered ``dtype`` array of ``shape`` whose bytes are ``parts`` in order (np.save's
+    format), joined into the message in one copy."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                  "fortran_order": False, "shape": (total,)})
+                                                  "fortran_order": False, "shape": shape})
     data = b"".join([header.getvalue(), *parts])
-    if len(data) - header.tell() != total * dtype.itemsize:
-        raise LayoutMismatch(f"packed {len(data) - header.tell()} bytes for {dtype}[{total}]")
-    return Array(dtype=str(dtype), shape=(total,), stype="numpy.ndarray", data=data)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) - header.tell() != expected:
+        raise LayoutMismatch(f"packed {len(data) - header.tell()} bytes for {dtype}{list(shape)}")
+    return Array(dtype=str(dtype), shape=shape, stype="numpy.ndarray", data=data)
 
 
 def decode_vector(array: Array) -> np.ndarray:
