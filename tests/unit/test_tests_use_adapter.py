@@ -30,10 +30,8 @@ PENDING: dict[str, frozenset[str]] = {
                                                       "flwr.supercore.inflatable.inflatable_utils"}),
     "tests/unit/common/test_reply_digest.py": frozenset({"flwr.supercore.inflatable.inflatable_object",
                                                          "flwr.supercore.inflatable.inflatable_utils"}),
-    # The error Flower's object pull raises, as fedfusion.client.flower_runtime's backoff sees it.
-    "tests/unit/client/test_supernode_runner.py": frozenset({"flwr.supercore.inflatable.inflatable_utils"}),
-    # The same error, as the coordinator's Grid pull backoff (fedfusion.common.flower_adapter) sees it.
-    "tests/unit/server/test_grid_pull_backoff.py": frozenset({"flwr.supercore.inflatable.inflatable_utils"}),
+    # The error Flower's object pull raises, as the SuperNode's and the Grid's pull backoff see it.
+    "tests/pull_fakes.py": frozenset({"flwr.supercore.inflatable.inflatable_utils"}),
     # The SuperExec types the warm executor implements (fedfusion.client.flower_runtime imports them too).
     "tests/unit/client/test_warm_executor.py": frozenset({"flwr.supercore.constant",
                                                           "flwr.supercore.superexec.executor"}),

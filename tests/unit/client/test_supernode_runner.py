@@ -8,6 +8,7 @@ import time
 import pytest
 
 from fedfusion.client import supernode_runner
+from tests.pull_fakes import late_object
 
 
 def test_flowers_supernode_loop_still_idles_with_time_sleep() -> None:
@@ -51,20 +52,13 @@ def test_idle_polls_wait_the_poll_interval_and_local_waits_far_less(monkeypatch:
 
 
 def test_the_supernode_pulls_a_late_object_within_a_fraction_of_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
-    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
     from flwr.supernode import start_client_internal
 
     monkeypatch.setattr(start_client_internal, "time", time)
     monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
     supernode_runner.install_poll_interval(0.25)
     supernode_runner.install_poll_interval(0.25)  # again (a restart in-process): must not nest
-    asked: list[float] = []
-
-    def pull_one(object_id: str) -> bytes:  # stored only on the third ask, as when the sender is still pushing
-        asked.append(time.monotonic())
-        if len(asked) < 3:
-            raise ObjectUnavailableError(object_id)
-        return b"content"
+    pull_one, asked = late_object(3, b"content")  # stored only on the third ask: the sender is still pushing
 
     began = time.monotonic()
     assert start_client_internal.pull_objects(["a"], pull_object_fn=pull_one) == {"a": b"content"}

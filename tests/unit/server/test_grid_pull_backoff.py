@@ -13,10 +13,10 @@ from collections.abc import Iterable
 from types import SimpleNamespace
 
 import pytest
-from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
 from fedfusion.common import flower_adapter
 from fedfusion.server import messaging
+from tests.pull_fakes import late_object
 
 
 class _AnsweringGrid:
@@ -35,13 +35,7 @@ def test_after_send_and_collect_the_grid_pulls_a_late_object_within_half_a_secon
     flowers = getattr(grid_module.pull_objects, "_fedfusion_original", grid_module.pull_objects)
     monkeypatch.setattr(grid_module, "pull_objects", flowers)
     assert len(messaging.send_and_collect(_AnsweringGrid(), [object(), object()], timeout=5)) == 2
-    asked: list[float] = []
-
-    def pull_one(object_id: str) -> bytes:  # stored on the fourth ask: the site is still pushing
-        asked.append(time.monotonic())
-        if len(asked) < 4:
-            raise ObjectUnavailableError(object_id)
-        return b"reply"
+    pull_one, asked = late_object(4, b"reply")  # stored on the fourth ask: the site is still pushing
 
     began = time.monotonic()
     assert grid_module.pull_objects(["r"], pull_object_fn=pull_one) == {"r": b"reply"}
